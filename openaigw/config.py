@@ -1,0 +1,441 @@
+"""gw.ini -> frozen configuration objects.
+
+Every error is a :class:`ConfigError` naming the file, the section and the key.  Values
+are quoted in errors as written in the file, so a resolved secret never appears.
+"""
+
+from __future__ import annotations
+
+import configparser
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
+
+from openaigw import secrets
+
+DEFAULT_LISTEN = "tcp:port=9080:interface=127.0.0.1"
+_SIZE = re.compile(r"(?P<number>\d+)\s*(?P<unit>[kmg]?)b?", re.IGNORECASE)
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (methods, header names)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_TRUE = {"on", "true", "yes", "1"}
+_FALSE = {"off", "false", "no", "0"}
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One upstream server."""
+
+    host: str
+    port: int
+    weight: int
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as written in logs (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The ``[gateway]`` section."""
+
+    listen: Tuple[str, ...] = (DEFAULT_LISTEN,)
+    max_body_size: int = 10 << 20
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """An ``[upstream:NAME]`` section."""
+
+    name: str
+    scheme: str
+    nodes: Tuple[Node, ...]
+    type: str = "roundrobin"
+    ca_file: Optional[str] = None
+    pass_host: str = "node"
+    upstream_host: Optional[str] = None
+    timeout_connect: float = 6.0
+    timeout_read: float = 60.0
+    retries: int = 0
+    keepalive_timeout: float = 30.0
+    keepalive_pool: int = 64
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """A plugin enabled on a route, with the settings its ``parse`` returned."""
+
+    name: str
+    settings: Any
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """A ``[route:NAME]`` section."""
+
+    name: str
+    uris: Tuple[str, ...]
+    upstream: str
+    methods: Optional[FrozenSet[str]] = None
+    plugins: Tuple[PluginConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, validated gw.ini."""
+
+    path: str
+    gateway: GatewayConfig
+    upstreams: Mapping[str, UpstreamConfig]
+    routes: Tuple[RouteConfig, ...]
+
+
+class Section:
+    """One INI section: resolves secret references and reports errors precisely."""
+
+    def __init__(
+        self, path: str, name: str, items: Mapping[str, str], environ: Mapping[str, str]
+    ) -> None:
+        self.path = path
+        self.name = name
+        self._items = dict(items)
+        self._environ = environ
+
+    def error(self, key: Optional[str], message: str) -> ConfigError:
+        """A ConfigError for ``key`` of this section (or the section itself)."""
+        where = f"[{self.name}] {key}" if key else f"[{self.name}]"
+        return ConfigError(f"{self.path}: {where}: {message}")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def raw(self, key: str) -> str:
+        """The value as written in the file (for messages: never resolved)."""
+        return self._items[key]
+
+    def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
+        """The value with its secret references resolved, or ``default``."""
+        if key not in self._items:
+            return default
+        try:
+            return secrets.resolve(self._items[key], self._environ)
+        except secrets.SecretError as e:
+            raise self.error(key, str(e)) from None
+
+    def require(self, key: str) -> str:
+        value = self.get(key)
+        if value is None or not value.strip():
+            raise self.error(key, "is required")
+        return value.strip()
+
+    def number(
+        self, key: str, default: float, minimum: float = 0.0, integer: bool = False
+    ) -> Any:
+        """A number no smaller than ``minimum`` (an int when ``integer``)."""
+        value = self.get(key)
+        if value is None:
+            return default
+        try:
+            number = int(value) if integer else float(value)
+        except ValueError:
+            kind = "a whole number" if integer else "a number"
+            raise self.error(key, f"{self.raw(key)!r} is not {kind}") from None
+        if not math.isfinite(number) or number < minimum:
+            raise self.error(key, f"{self.raw(key)!r} must be at least {minimum:g}")
+        return number
+
+    def size(self, key: str, default: int) -> int:
+        """A byte size such as ``10M``, ``512k`` or ``1048576``."""
+        value = self.get(key)
+        if value is None:
+            return default
+        match = _SIZE.fullmatch(value.strip())
+        if match is None:
+            raise self.error(key, f"{self.raw(key)!r} is not a size (e.g. 10M, 512K, 4096)")
+        return int(match.group("number")) * _UNITS[match.group("unit").lower()]
+
+    def flag(self, key: str, default: bool) -> bool:
+        """An on/off switch."""
+        value = self.get(key)
+        if value is None:
+            return default
+        if value.strip().lower() in _TRUE:
+            return True
+        if value.strip().lower() in _FALSE:
+            return False
+        raise self.error(key, f"{self.raw(key)!r} is not on/off")
+
+    def choice(self, key: str, default: str, choices: Tuple[str, ...]) -> str:
+        value = self.get(key)
+        if value is None:
+            return default
+        if value.strip().lower() not in choices:
+            raise self.error(
+                key, f"{self.raw(key)!r} is not one of {', '.join(choices)}"
+            )
+        return value.strip().lower()
+
+
+class PluginOptions:
+    """The ``plugin.option`` keys of one plugin in one section."""
+
+    def __init__(self, section: Section, plugin: str, keys: Mapping[str, str]) -> None:
+        self.section = section
+        self.plugin = plugin
+        self._keys = dict(keys)  # option -> full key in the section
+
+    def options(self) -> List[str]:
+        """Option names, without the plugin prefix (``""`` for ``plugin = value``)."""
+        return list(self._keys)
+
+    def key(self, option: str) -> str:
+        return self._keys.get(option, f"{self.plugin}.{option}" if option else self.plugin)
+
+    def get(self, option: str, default: Optional[str] = None) -> Optional[str]:
+        return self.section.get(self.key(option), default)
+
+    def error(self, option: str, message: str) -> ConfigError:
+        return self.section.error(self.key(option), message)
+
+
+def load(path: str, environ: Optional[Mapping[str, str]] = None) -> Config:
+    """Read and validate the configuration file at ``path``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse(text, path, os.environ if environ is None else environ)
+
+
+def parse(text: str, path: str, environ: Mapping[str, str]) -> Config:
+    """Validate the INI ``text`` (``path`` is only used in messages)."""
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        inline_comment_prefixes=(";", "#"),
+        comment_prefixes=(";", "#"),
+        empty_lines_in_values=False,
+        default_section="\0none",
+    )
+    parser.optionxform = lambda option: option  # type: ignore[assignment,method-assign]
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(f"{path}: line {e.lineno}: section [{e.section}] appears twice") from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(
+            f"{path}: line {e.lineno}: [{e.section}] {e.option}: key appears twice"
+        ) from None
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: {e.message.splitlines()[0]}") from None
+
+    gateway = GatewayConfig()
+    upstream_sections: List[Section] = []
+    route_sections: List[Section] = []
+    for name in parser.sections():
+        section = Section(path, name, parser[name], environ)
+        kind, _, label = name.partition(":")
+        if name == "gateway":
+            gateway = _gateway(section)
+        elif kind == "upstream" and label:
+            upstream_sections.append(section)
+        elif kind == "route" and label:
+            route_sections.append(section)
+        else:
+            raise section.error(
+                None, "unknown section (expected [gateway], [upstream:NAME] or [route:NAME])"
+            )
+    upstreams = {s.name.partition(":")[2]: _upstream(s) for s in upstream_sections}
+    routes = tuple(_route(s, upstreams) for s in route_sections)
+    if not routes:
+        raise ConfigError(f"{path}: no [route:NAME] section: nothing to serve")
+    _check_overlaps(routes, path)
+    return Config(path, gateway, upstreams, routes)
+
+
+def _known(section: Section, keys: Tuple[str, ...]) -> None:
+    for key in section.keys():
+        if key not in keys:
+            raise section.error(key, f"unknown key (known: {', '.join(keys)})")
+
+
+def _gateway(section: Section) -> GatewayConfig:
+    _known(section, ("listen", "max_body_size"))
+    listen = tuple((section.get("listen") or DEFAULT_LISTEN).split())
+    if not listen:
+        raise section.error("listen", "needs at least one endpoint description")
+    for description in listen:
+        _check_endpoint(section, description)
+    return GatewayConfig(
+        listen=listen, max_body_size=section.size("max_body_size", GatewayConfig.max_body_size)
+    )
+
+
+def _check_endpoint(section: Section, description: str) -> None:
+    """Parse a server endpoint description without listening on it."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    if description.startswith("systemd:"):
+        # Parsing it would look up the inherited sockets, which exist only under systemd.
+        if not re.fullmatch(r"systemd:domain=(INET|INET6|UNIX):index=\d+", description):
+            raise section.error(
+                "listen", f"{description!r}: expected systemd:domain=INET:index=N"
+            )
+        return
+    try:
+        serverFromString(MemoryReactor(), description)
+    except Exception as e:  # the parsers raise whatever they meet
+        raise section.error("listen", f"{description!r}: {e}") from None
+
+
+def _nodes(section: Section, scheme: str) -> Tuple[Node, ...]:
+    nodes = []
+    default_port = 443 if scheme == "https" else 80
+    for line in section.require("nodes").splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) > 2:
+            raise section.error("nodes", f"{line.strip()!r}: expected 'host:port weight'")
+        address = parts[0]
+        match = re.fullmatch(r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::(?P<p6>\d+))?|(?P<host>[^:\[\]/]+)(?::(?P<port>\d+))?", address)
+        if match is None:
+            raise section.error("nodes", f"{address!r} is not host:port")
+        host = match.group("v6") or match.group("host")
+        port = int(match.group("p6") or match.group("port") or default_port)
+        if not 0 < port < 65536:
+            raise section.error("nodes", f"{address!r}: port out of range")
+        try:
+            weight = int(parts[1]) if len(parts) == 2 else 1
+        except ValueError:
+            raise section.error("nodes", f"{line.strip()!r}: the weight must be a whole number") from None
+        if weight < 0:
+            raise section.error("nodes", f"{line.strip()!r}: the weight must not be negative")
+        nodes.append(Node(host.lower(), port, weight))
+    if not any(node.weight for node in nodes):
+        raise section.error("nodes", "needs at least one node with a weight above 0")
+    return tuple(nodes)
+
+
+def _upstream(section: Section) -> UpstreamConfig:
+    _known(
+        section,
+        (
+            "scheme", "nodes", "type", "ca_file", "pass_host", "upstream_host",
+            "timeout_connect", "timeout_read", "retries", "keepalive_timeout",
+            "keepalive_pool",
+        ),
+    )
+    name = section.name.partition(":")[2]
+    scheme = section.choice("scheme", "https", ("http", "https"))
+    nodes = _nodes(section, scheme)
+    ca_file = section.get("ca_file")
+    if ca_file is not None:
+        if scheme != "https":
+            raise section.error("ca_file", "only applies to scheme = https")
+        _check_ca_file(section, ca_file.strip())
+        ca_file = os.path.abspath(ca_file.strip())
+    pass_host = section.choice("pass_host", "node", ("node", "pass", "rewrite"))
+    upstream_host = section.get("upstream_host")
+    if pass_host == "rewrite" and not (upstream_host and upstream_host.strip()):
+        raise section.error("upstream_host", "is required with pass_host = rewrite")
+    if upstream_host is not None and pass_host != "rewrite":
+        raise section.error("upstream_host", "only applies with pass_host = rewrite")
+    timeout = section.number("timeout_connect", 6.0)
+    read = section.number("timeout_read", 60.0)
+    for key, value in (("timeout_connect", timeout), ("timeout_read", read)):
+        if value <= 0:
+            raise section.error(key, "must be above 0")
+    return UpstreamConfig(
+        name=name,
+        scheme=scheme,
+        nodes=nodes,
+        type=section.choice("type", "roundrobin", ("roundrobin",)),
+        ca_file=ca_file,
+        pass_host=pass_host,
+        upstream_host=upstream_host.strip() if upstream_host else None,
+        timeout_connect=timeout,
+        timeout_read=read,
+        retries=section.number("retries", len(nodes) - 1, integer=True),
+        keepalive_timeout=section.number("keepalive_timeout", 30.0),
+        keepalive_pool=section.number("keepalive_pool", 64, integer=True),
+    )
+
+
+def _check_ca_file(section: Section, path: str) -> None:
+    from twisted.internet.ssl import Certificate
+
+    try:
+        with open(path, "rb") as f:
+            Certificate.loadPEM(f.read())
+    except OSError as e:
+        raise section.error("ca_file", f"cannot read {path}: {e.strerror}") from None
+    except Exception:
+        raise section.error("ca_file", f"{path} holds no PEM certificate") from None
+
+
+def _route(section: Section, upstreams: Mapping[str, UpstreamConfig]) -> RouteConfig:
+    from openaigw.plugins import REGISTRY
+
+    name = section.name.partition(":")[2]
+    uris = tuple(section.require("uri").split())
+    for uri in uris:
+        if not uri.startswith("/") or "*" in uri[:-1] or "?" in uri:
+            raise section.error(
+                "uri", f"{uri!r}: a path starting with '/', optionally ending in '*'"
+            )
+    methods = None
+    if "methods" in section:
+        methods = frozenset(m.upper() for m in re.split(r"[\s,]+", section.require("methods")) if m)
+        for method in methods:
+            if not _TOKEN.fullmatch(method):
+                raise section.error("methods", f"{method!r} is not an HTTP method")
+    upstream = section.require("upstream")
+    if upstream not in upstreams:
+        raise section.error("upstream", f"no section [upstream:{upstream}]")
+
+    grouped: Dict[str, Dict[str, str]] = {}
+    for key in section.keys():
+        if key in ("uri", "methods", "upstream"):
+            continue
+        plugin, _, option = key.partition(".")
+        if plugin not in REGISTRY:
+            known = ", ".join(sorted(REGISTRY))
+            raise section.error(
+                key, f"unknown key or plugin {plugin!r} (keys: uri, methods, upstream; plugins: {known})"
+            )
+        grouped.setdefault(plugin, {})[option] = key
+    plugins = []
+    for plugin_name, keys in grouped.items():
+        settings = REGISTRY[plugin_name].parse(PluginOptions(section, plugin_name, keys))
+        if settings is not None:
+            plugins.append(PluginConfig(plugin_name, settings))
+    plugins.sort(key=lambda p: REGISTRY[p.name].priority)
+    return RouteConfig(name, uris, upstream, methods, tuple(plugins))
+
+
+def _check_overlaps(routes: Tuple[RouteConfig, ...], path: str) -> None:
+    """Two routes may share a URI only if their methods are disjoint."""
+    seen: Dict[str, List[RouteConfig]] = {}
+    for route in routes:
+        for uri in route.uris:
+            for other in seen.get(uri, []):
+                if other.methods is None or route.methods is None or other.methods & route.methods:
+                    raise ConfigError(
+                        f"{path}: [route:{route.name}] uri: {uri!r} is already served by"
+                        f" [route:{other.name}] for the same methods"
+                    )
+            seen.setdefault(uri, []).append(route)

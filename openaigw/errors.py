@@ -1,0 +1,81 @@
+"""Errors the gateway answers itself, as OpenAI-shaped JSON bodies."""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping, Optional
+
+from twisted.web.http import Request
+
+
+class GatewayError(Exception):
+    """An answer the gateway gives instead of the upstream's."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "gateway_error",
+        code: Optional[str] = None,
+        param: Optional[str] = None,
+        headers: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def body(self) -> bytes:
+        """``{"error": {"message", "type", "param", "code"}}`` as bytes."""
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return json.dumps({"error": error}).encode("utf-8") + b"\n"
+
+
+def write_error(request: Request, error: GatewayError) -> None:
+    """Send ``error`` as the whole response and finish the request."""
+    body = error.body()
+    request.setResponseCode(error.status)
+    headers = request.responseHeaders
+    headers.removeHeader(b"server")
+    headers.setRawHeaders(b"content-type", [b"application/json"])
+    headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    for name, value in error.headers.items():
+        headers.setRawHeaders(name.encode("ascii"), [value.encode("latin-1")])
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+def not_found(path: str) -> GatewayError:
+    return GatewayError(404, f"No route for {path}", "invalid_request_error", "route_not_found")
+
+
+def method_not_allowed(method: str, allowed: str) -> GatewayError:
+    return GatewayError(
+        405,
+        f"Method {method} is not allowed here (allowed: {allowed})",
+        "invalid_request_error",
+        "method_not_allowed",
+        headers={"Allow": allowed},
+    )
+
+
+def body_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"The request body exceeds the gateway's limit of {limit} bytes",
+        "invalid_request_error",
+        "request_too_large",
+        headers={"Connection": "close"},
+    )
+
+
+def bad_gateway(message: str) -> GatewayError:
+    return GatewayError(502, message, "upstream_error", "bad_gateway")
+
+
+def gateway_timeout(message: str) -> GatewayError:
+    return GatewayError(504, message, "upstream_error", "gateway_timeout")

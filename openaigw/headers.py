@@ -1,0 +1,57 @@
+"""Which headers cross the gateway, in each direction."""
+
+from __future__ import annotations
+
+from typing import FrozenSet
+
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus what Agent and Site write themselves.
+HOP_BY_HOP: FrozenSet[bytes] = frozenset(
+    (
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+        b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    )
+)
+_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+_NOT_RETURNED = HOP_BY_HOP | {b"content-length"}
+
+
+def connection_tokens(headers: Headers) -> FrozenSet[bytes]:
+    """Header names listed in ``Connection`` (also hop-by-hop)."""
+    tokens = set()
+    for value in headers.getRawHeaders(b"connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def _end_to_end(headers: Headers, excluded: FrozenSet[bytes]) -> Headers:
+    dropped = excluded | connection_tokens(headers)
+    out = Headers()
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() not in dropped:
+            out.setRawHeaders(name, list(values))
+    return out
+
+
+def request_headers(request: IRequest, scheme: bytes) -> Headers:
+    """The client's end-to-end headers plus ``X-Forwarded-*`` (Host is set later)."""
+    out = _end_to_end(request.requestHeaders, _NOT_FORWARDED)
+    peer = request.getClientAddress()
+    client = getattr(peer, "host", None)
+    if client is not None:
+        forwarded = out.getRawHeaders(b"x-forwarded-for", [])
+        prior = b", ".join(forwarded)
+        address = client.encode("ascii")
+        out.setRawHeaders(b"x-forwarded-for", [prior + b", " + address if prior else address])
+    out.setRawHeaders(b"x-forwarded-proto", [scheme])
+    host = request.requestHeaders.getRawHeaders(b"host")
+    if host:
+        out.setRawHeaders(b"x-forwarded-host", [host[0]])
+    return out
+
+
+def response_headers(upstream: Headers) -> Headers:
+    """The upstream's end-to-end response headers."""
+    return _end_to_end(upstream, _NOT_RETURNED)

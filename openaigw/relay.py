@@ -1,0 +1,167 @@
+"""The proxy resource: one route's request path, from the client to the upstream and back."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.iweb import IRequest, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from openaigw import errors
+from openaigw.exchange import Exchange, ResponseHead
+from openaigw.headers import request_headers, response_headers
+from openaigw.interfaces import IRequestFilter, IResponseFilter
+from openaigw.upstream import Upstream
+
+log = Logger()
+
+
+def abort_client(request: IRequest) -> None:
+    """Drop the client connection so a truncated body is never taken as complete."""
+    channel = getattr(request, "channel", None)
+    if channel is not None and channel.transport is not None:
+        channel.transport.abortConnection()
+
+
+@implementer(IPushProducer)
+class BodyRelay(Protocol):
+    """Writes each upstream read to the client as it arrives.
+
+    Registered as the client's producer: a slow client pauses reading from the
+    upstream.  ``timeout`` bounds the upstream's silence while not paused.
+    ``done`` fires when the body has ended either way; cancelling it closes the
+    upstream connection.
+    """
+
+    def __init__(self, request: IRequest, clock: Any, timeout: float) -> None:
+        self._request = request
+        self._clock = clock
+        self._timeout = timeout
+        self._timer: Any = None
+        self._timed_out = False
+        self.done: "Deferred[None]" = Deferred(lambda _: self.stopProducing())
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self, True)
+        self._timer = self._clock.callLater(self._timeout, self._expire)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._timer.reset(self._timeout)
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # type: ignore[assignment]
+        if self._timer.active():
+            self._timer.cancel()
+        if self.done.called:  # cancelled: the client is gone
+            return
+        request = self._request
+        if getattr(request, "channel", None) is not None:
+            request.unregisterProducer()
+            if reason.check(ResponseDone, PotentialDataLoss):
+                request.finish()
+            else:
+                why = "timeout" if self._timed_out else reason.getErrorMessage()
+                log.warn("upstream body cut short ({why}): aborting the client connection", why=why)
+                abort_client(request)
+        self.done.callback(None)
+
+    def _expire(self) -> None:
+        self._timed_out = True
+        self.transport.stopProducing()
+
+    # IPushProducer, for the client connection
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+        self._timer.cancel()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+        if not self._timer.active():
+            self._timer = self._clock.callLater(self._timeout, self._expire)
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+
+class RouteResource(Resource):
+    """Proxies requests of one route to its upstream, through the route's filters."""
+
+    isLeaf = True
+
+    def __init__(
+        self, name: str, upstream: Upstream, filters: Sequence[Any], clock: Any
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self._upstream = upstream
+        self._clock = clock
+        self._request_filters: List[Any] = [f for f in filters if IRequestFilter.providedBy(f)]
+        self._response_filters: List[Any] = [f for f in filters if IResponseFilter.providedBy(f)]
+
+    def render(self, request: IRequest) -> Any:
+        handling = Deferred.fromCoroutine(self._proxy(request))
+        # A client that leaves cancels whatever is being awaited: connecting,
+        # waiting for headers or relaying the body.
+        request.notifyFinish().addErrback(lambda _: handling.cancel())
+        handling.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    async def _proxy(self, request: IRequest) -> None:
+        scheme = b"https" if request.isSecure() else b"http"
+        exchange = Exchange(
+            request=request,
+            route=self.name,
+            method=request.method,
+            path=request.uri,
+            headers=request_headers(request, scheme),
+            body=request.content.read() if request.content is not None else b"",
+        )
+        try:
+            for request_filter in self._request_filters:
+                waiting = request_filter.filter_request(exchange)
+                if waiting is not None:
+                    await waiting
+            response, node = await self._upstream.send(exchange)
+        except errors.GatewayError as e:
+            errors.write_error(request, e)
+            return
+        await self._relay(exchange, response)
+
+    async def _relay(self, exchange: Exchange, response: IResponse) -> None:
+        head = ResponseHead(response.code, response.phrase, response_headers(response.headers))
+        for response_filter in self._response_filters:
+            response_filter.filter_response(exchange, head)
+        request = exchange.request
+        request.setResponseCode(head.code, head.phrase)
+        request.responseHeaders = head.headers
+        content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
+        if content_type.lower().startswith(b"text/event-stream"):
+            head.headers.setRawHeaders(b"x-accel-buffering", [b"no"])
+        if isinstance(response.length, int):
+            head.headers.setRawHeaders(b"content-length", [b"%d" % response.length])
+        else:
+            request.write(b"")  # a stream: the client gets the headers now, not with the first event
+        relay = BodyRelay(request, self._clock, self._upstream.config.timeout_read)
+        response.deliverBody(relay)
+        await relay.done
+
+    def _failed(self, failure: Failure, request: IRequest) -> None:
+        if failure.check(CancelledError):
+            return  # the client left; the upstream request was cancelled with it
+        log.failure("unexpected error proxying {path}", failure, path=request.path)
+        if getattr(request, "channel", None) is None:
+            return
+        if request.startedWriting:
+            abort_client(request)
+        else:
+            errors.write_error(
+                request, errors.GatewayError(500, "Internal gateway error", "server_error")
+            )

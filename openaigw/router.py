@@ -1,0 +1,70 @@
+"""The root resource: finds the route for a request's path and method."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from urllib.parse import unquote_to_bytes
+
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
+
+from openaigw import errors
+
+Entry = Tuple[Optional[FrozenSet[str]], IResource]
+
+
+class Router(Resource):
+    """Exact URIs beat prefixes (``/v1/*``); the longest prefix wins.
+
+    Among the routes for a URI the first whose methods include the request's
+    serves it; when the URI matches but no method does, the answer is 405.
+    """
+
+    isLeaf = True
+
+    def __init__(self, routes: Sequence[Tuple[Sequence[str], Optional[FrozenSet[str]], IResource]]) -> None:
+        super().__init__()
+        self._exact: Dict[bytes, List[Entry]] = {}
+        prefixes: Dict[bytes, List[Entry]] = {}
+        for uris, methods, resource in routes:
+            for uri in uris:
+                if uri.endswith("*"):
+                    prefixes.setdefault(uri[:-1].encode(), []).append((methods, resource))
+                else:
+                    self._exact.setdefault(uri.encode(), []).append((methods, resource))
+        self._prefixes = sorted(prefixes.items(), key=lambda item: -len(item[0]))
+
+    def _candidates(self, path: bytes) -> List[Entry]:
+        found = list(self._exact.get(path, ()))
+        for prefix, entries in self._prefixes:
+            if path.startswith(prefix):
+                found.extend(entries)
+        return found
+
+    def render(self, request: IRequest) -> Any:
+        request.responseHeaders.removeHeader(b"server")
+        path = request.path
+        if _has_dot_segment(path):
+            errors.write_error(
+                request,
+                errors.GatewayError(400, "Invalid path", "invalid_request_error", "invalid_path"),
+            )
+            return NOT_DONE_YET
+        candidates = self._candidates(path)
+        method = request.method.decode("ascii", "replace")
+        for methods, resource in candidates:
+            if methods is None or method in methods:
+                return resource.render(request)
+        if not candidates:
+            error = errors.not_found(path.decode("ascii", "replace"))
+        else:
+            allowed = sorted(set().union(*(m for m, _ in candidates if m is not None)))
+            error = errors.method_not_allowed(method, ", ".join(allowed))
+        errors.write_error(request, error)
+        return NOT_DONE_YET
+
+
+def _has_dot_segment(path: bytes) -> bool:
+    """Whether the path has ``.`` or ``..`` segments (also percent-encoded)."""
+    return any(segment in (b".", b"..") for segment in unquote_to_bytes(path).split(b"/"))

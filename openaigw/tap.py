@@ -1,0 +1,47 @@
+"""``twistd openaigw``: command-line options and the service they make."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from openaigw import config
+
+
+class Options(usage.Options):
+    """twistd openaigw [-c FILE] [--check]"""
+
+    synopsis = "[-c FILE] [--check]"
+    longdesc = (
+        "An OpenAI API gateway: routes configured URIs to upstreams over verified TLS, "
+        "attaches the real API key and streams answers through as they arrive."
+    )
+    optParameters = [
+        ["config", "c", "/etc/openaigw/gw.ini", "The configuration file (gw.ini)."],
+    ]
+    optFlags = [
+        ["check", None, "Validate the configuration, then exit: 0 if valid, 1 with the errors."],
+    ]
+
+    def postOptions(self) -> None:
+        # Errors exit here with status 1: twistd 22.4 exits 0 on UsageError.
+        try:
+            self.config = config.load(self["config"])
+        except config.ConfigError as e:
+            sys.stderr.write(f"openaigw: {e}\n")
+            sys.stderr.flush()
+            raise SystemExit(1)
+        if self["check"]:
+            sys.stdout.write(f"openaigw: {self['config']}: configuration OK\n")
+            sys.stdout.flush()
+            raise SystemExit(0)
+
+
+def makeService(options: Options) -> Any:
+    from twisted.internet import reactor
+
+    from openaigw.service import GatewayService
+
+    return GatewayService(options.config, reactor)

@@ -1,0 +1,343 @@
+"""Calling an upstream: pooled connections, verified TLS, timeouts and retries."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Set, Tuple
+
+from twisted.internet import error as neterror
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from openaigw import errors
+from openaigw.balancer import RoundRobin
+from openaigw.config import Node, UpstreamConfig
+from openaigw.exchange import Exchange
+
+log = Logger()
+
+
+class ConnectTimeout(Exception):
+    """The TCP connection and TLS handshake took longer than ``timeout_connect``."""
+
+
+@implementer(IProtocol, IHandshakeListener)
+class _HandshakeWatcher:
+    """Sits between TLS and the HTTP protocol to learn when the handshake is done."""
+
+    def __init__(self, inner: Any, ready: "Deferred[Any]") -> None:
+        self._inner = inner
+        self._ready = ready
+        self.transport: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self._inner.makeConnection(transport)
+
+    def connectionMade(self) -> None:
+        """The inner protocol's connectionMade runs from its makeConnection."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self._ready.called:
+            self._ready.errback(reason)
+        self._inner.connectionLost(reason)
+
+    def handshakeCompleted(self) -> None:
+        # A failed hostname check aborts the connection before this runs: its
+        # connectionLost then brings the reason.
+        if not self.transport.disconnecting and not self._ready.called:
+            self._ready.callback(self._inner)
+
+
+class _WatcherFactory(Factory):
+    def __init__(self, inner: IProtocolFactory, ready: "Deferred[Any]") -> None:
+        self._inner = inner
+        self._ready = ready
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return _HandshakeWatcher(self._inner.buildProtocol(addr), self._ready)
+
+    def doStart(self) -> None:
+        self._inner.doStart()
+
+    def doStop(self) -> None:
+        self._inner.doStop()
+
+
+@implementer(IStreamClientEndpoint)
+class NodeEndpoint:
+    """Connects to one node: TCP with TCP_NODELAY, then (for https) a verified TLS
+    handshake, all within ``timeout`` seconds; fires once the connection is usable."""
+
+    def __init__(self, reactor: Any, node: Node, tls: Any, timeout: float) -> None:
+        self._reactor = reactor
+        self._tls = tls
+        self._timeout = timeout
+        if isIPAddress(node.host):
+            self._tcp: Any = TCP4ClientEndpoint(reactor, node.host, node.port, timeout)
+        elif isIPv6Address(node.host):
+            self._tcp = TCP6ClientEndpoint(reactor, node.host, node.port, timeout)
+        else:
+            self._tcp = HostnameEndpoint(reactor, node.host, node.port, timeout)
+
+    def connect(self, factory: IProtocolFactory) -> "Deferred[Any]":
+        ready: "Deferred[Any]"
+        connecting: "Deferred[Any]"
+        connected: Dict[str, Any] = {}
+
+        def abort(_: object = None) -> None:
+            if "protocol" in connected:
+                connected["protocol"].transport.abortConnection()
+            else:
+                connecting.cancel()
+
+        def timed_out() -> None:
+            ready.errback(ConnectTimeout(f"no connection within {self._timeout:g}s"))
+            abort()
+
+        ready = Deferred(abort)
+        timer = self._reactor.callLater(self._timeout, timed_out)
+
+        def stop_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        ready.addBoth(stop_timer)
+
+        def tcp_up(protocol: Any) -> None:
+            connected["protocol"] = protocol
+            try:
+                protocol.transport.setTcpNoDelay(True)
+            except (AttributeError, OSError):
+                pass
+            if self._tls is None and not ready.called:
+                ready.callback(protocol)
+
+        def tcp_failed(failure: Failure) -> None:
+            if not ready.called:
+                ready.errback(failure)
+
+        if self._tls is not None:
+            factory = TLSMemoryBIOFactory(self._tls, True, _WatcherFactory(factory, ready))
+        connecting = self._tcp.connect(factory)
+        connecting.addCallbacks(tcp_up, tcp_failed)
+        return ready
+
+
+@implementer(IAgentEndpointFactory)
+class _NodeEndpoints:
+    """Maps the agent's per-node URIs (``https://n<index>:port``) to node endpoints."""
+
+    def __init__(self, reactor: Any, config: UpstreamConfig) -> None:
+        tls: Dict[Node, Any] = {}
+        if config.scheme == "https":
+            if config.ca_file:
+                with open(config.ca_file, "rb") as f:
+                    trust: Any = Certificate.loadPEM(f.read())
+            else:
+                trust = platformTrust()
+            for node in config.nodes:
+                # Built once per node: the request path never builds TLS contexts.
+                tls[node] = optionsForClientTLS(config.upstream_host or node.host, trust)
+        self._endpoints = {
+            b"n%d" % index: NodeEndpoint(reactor, node, tls.get(node), config.timeout_connect)
+            for index, node in enumerate(config.nodes)
+        }
+
+    def endpointForURI(self, uri: Any) -> NodeEndpoint:
+        return self._endpoints[uri.host]
+
+
+@implementer(IBodyProducer)
+class _BodyProducer:
+    """Writes the (already buffered) request body at once; tells when sending starts."""
+
+    def __init__(self, body: bytes, on_start: Any) -> None:
+        self.length = len(body)
+        self._body = body
+        self._on_start = on_start
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
+        self._on_start()
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _cancelled(failure_or_error: Any) -> bool:
+    """Whether an agent error is the result of cancelling the request."""
+    if isinstance(failure_or_error, CancelledError):
+        return True
+    reasons = getattr(failure_or_error, "reasons", ())
+    return any(reason.check(CancelledError) for reason in reasons)
+
+
+class Upstream:
+    """One ``[upstream:NAME]``: its connection pool, balancer and request policy."""
+
+    def __init__(self, reactor: Any, config: UpstreamConfig) -> None:
+        self.config = config
+        self._reactor = reactor
+        self._balancer = RoundRobin(config.nodes)
+        self._index = {node: index for index, node in enumerate(config.nodes)}
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = config.keepalive_pool
+        self.pool.cachedConnectionTimeout = config.keepalive_timeout
+        self.pool.retryAutomatically = False
+        self._agent = Agent.usingEndpointFactory(
+            reactor, _NodeEndpoints(reactor, config), pool=self.pool
+        )
+        self._scheme = config.scheme.encode("ascii")
+
+    def close(self) -> "Deferred[None]":
+        """Close idle pooled connections (on shutdown)."""
+        return self.pool.closeCachedConnections()
+
+    def _host_header(self, node: Node, exchange: Exchange) -> Optional[bytes]:
+        if self.config.pass_host == "rewrite":
+            return (self.config.upstream_host or "").encode("idna")
+        if self.config.pass_host == "pass":
+            host = exchange.request.requestHeaders.getRawHeaders(b"host")
+            return host[0] if host else None
+        default = 443 if self.config.scheme == "https" else 80
+        address = node.address if node.port != default else node.address.rsplit(":", 1)[0]
+        return address.encode("idna")
+
+    async def send(self, exchange: Exchange) -> Tuple[IResponse, Node]:
+        """Send ``exchange`` to a node; return the response (headers received).
+
+        Connection failures move on to the next node, up to ``retries`` times; a
+        reused keep-alive connection that the upstream had closed is retried once.
+        Raises :class:`GatewayError` (502, 504) when no response can be had.
+        """
+        tried: Set[Node] = set()
+        retries_left = self.config.retries
+        stale_retry = True
+        node = self._balancer.pick()
+        while True:
+            assert node is not None
+            try:
+                return await self._attempt(node, exchange), node
+            except errors.GatewayError:
+                raise
+            except (ResponseNeverReceived, RequestTransmissionFailed) as e:
+                if _cancelled(e):
+                    raise CancelledError() from None
+                log.warn(
+                    "upstream {upstream} node {node}: connection lost before the response: {reason}",
+                    upstream=self.config.name, node=node.address, reason=_describe(e),
+                )
+                if stale_retry:
+                    stale_retry = False
+                    continue  # same node, new connection
+                failure = errors.bad_gateway("The upstream server closed the connection")
+            except CancelledError:
+                raise
+            except Exception as e:
+                log.warn(
+                    "upstream {upstream} node {node}: cannot connect: {reason}",
+                    upstream=self.config.name, node=node.address, reason=_describe(e),
+                )
+                failure = _connect_error(e)
+            tried.add(node)
+            if retries_left <= 0:
+                raise failure
+            retries_left -= 1
+            node = self._balancer.pick(tried)
+            if node is None:
+                raise failure
+
+    async def _attempt(self, node: Node, exchange: Exchange) -> IResponse:
+        headers = exchange.headers
+        host = self._host_header(node, exchange)
+        if host is None:
+            headers.removeHeader(b"host")
+        else:
+            headers.setRawHeaders(b"host", [host])
+        uri = b"%s://n%d:%d%s" % (self._scheme, self._index[node], node.port, exchange.path)
+
+        timer: Dict[str, Any] = {"call": None}
+        timed_out = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            pending.cancel()
+
+        def arm(timeout: float) -> None:
+            if timer["call"] is not None and timer["call"].active():
+                timer["call"].cancel()
+            timer["call"] = self._reactor.callLater(timeout, expire)
+
+        producer = None
+        if exchange.body or exchange.method in (b"POST", b"PUT", b"PATCH"):
+            # The read timer starts once the connection is up and the body goes out.
+            producer = _BodyProducer(exchange.body, lambda: arm(self.config.timeout_read))
+        else:
+            # Without a body there is no such signal: the timer also covers connecting.
+            arm(self.config.timeout_read + self.config.timeout_connect)
+        pending = self._agent.request(exchange.method, uri, headers, producer)
+        try:
+            return await pending  # type: ignore[no-any-return]
+        except Exception as e:
+            if timed_out:
+                log.warn(
+                    "upstream {upstream} node {node}: no response within {timeout}s",
+                    upstream=self.config.name, node=node.address, timeout=self.config.timeout_read,
+                )
+                raise errors.gateway_timeout(
+                    f"The upstream server did not answer within {self.config.timeout_read:g}s"
+                ) from None
+            if _cancelled(e):
+                raise CancelledError() from None
+            raise
+        finally:
+            if timer["call"] is not None and timer["call"].active():
+                timer["call"].cancel()
+
+
+def _describe(error: BaseException) -> str:
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(_describe(r.value) for r in reasons)
+    return f"{type(error).__name__}: {error}"
+
+
+def _connect_error(error: BaseException) -> errors.GatewayError:
+    """The client-facing error for a failed connection (details go to the log)."""
+    name = type(error).__module__ + "." + type(error).__name__
+    if "OpenSSL" in name or "service_identity" in name or "VerificationError" in name:
+        return errors.bad_gateway("TLS verification of the upstream server failed")
+    if isinstance(error, ConnectTimeout) or isinstance(error, neterror.TimeoutError):
+        return errors.bad_gateway("Connecting to the upstream server timed out")
+    return errors.bad_gateway("The upstream server could not be reached")

@@ -1,0 +1,173 @@
+"""gw.ini parsing, validation and secret references."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from openaigw import secrets
+from openaigw.config import ConfigError, Node, load, parse
+
+CONTRACT = """
+[gateway]
+; Twisted endpoint descriptions, several separated by whitespace
+listen = tcp:port=9080:interface=127.0.0.1 tcp:port=9081:interface=127.0.0.1
+max_body_size = 10M            ; request bodies above this get 413
+
+[upstream:openai]
+scheme = https                 ; http | https
+nodes =
+    api.openai.com:443 1       ; host:port weight, one node per line
+    [::1]:8443 3
+type = roundrobin              ; smooth weighted round robin
+pass_host = rewrite
+upstream_host = api.example.com
+timeout_connect = 6            ; seconds, TCP + TLS handshake
+timeout_read = 60              ; seconds without a byte from the upstream
+
+[route:openai-chat]
+uri = /v1/chat/completions /v1/completions   ; several separated by spaces
+methods = POST
+upstream = openai
+proxy-rewrite.headers.set.Authorization = Bearer $ENV://OPENAI_API_KEY
+proxy-rewrite.headers.add.X-Name = value
+proxy-rewrite.headers.remove = X-Debug Cookie
+proxy-rewrite.uri = /openai/deployments/gpt4/chat/completions
+"""
+
+
+def bad(text: str, environ: dict | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "/etc/gw.ini", environ or {})
+    return str(caught.value)
+
+
+def test_contract_example_parses():
+    """The issue's example file is valid and every value lands where it should."""
+    config = parse(CONTRACT, "gw.ini", {"OPENAI_API_KEY": "sk-1"})
+    assert config.gateway.listen == (
+        "tcp:port=9080:interface=127.0.0.1", "tcp:port=9081:interface=127.0.0.1"
+    )
+    assert config.gateway.max_body_size == 10 * 1024 * 1024
+    upstream = config.upstreams["openai"]
+    assert upstream.nodes == (Node("api.openai.com", 443, 1), Node("::1", 8443, 3))
+    assert upstream.retries == 1  # number of nodes - 1
+    assert (upstream.timeout_connect, upstream.timeout_read) == (6.0, 60.0)
+    assert upstream.upstream_host == "api.example.com"
+    (route,) = config.routes
+    assert route.uris == ("/v1/chat/completions", "/v1/completions")
+    assert route.methods == frozenset({"POST"})
+    (plugin,) = route.plugins
+    assert plugin.name == "proxy-rewrite"
+    assert plugin.settings.set == ((b"Authorization", b"Bearer sk-1"),)
+    assert plugin.settings.add == ((b"X-Name", b"value"),)
+    assert plugin.settings.remove == (b"x-debug", b"cookie")
+    assert plugin.settings.uri == b"/openai/deployments/gpt4/chat/completions"
+
+
+def test_shipped_config_is_valid():
+    """etc/gw.ini, as shipped, passes validation when the key is in the environment."""
+    here = os.path.dirname(__file__)
+    config = load(os.path.join(here, "..", "etc", "gw.ini"), {"OPENAI_API_KEY": "sk-x"})
+    assert config.routes
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[gateway]\n[oops]\n", "/etc/gw.ini: [oops]: unknown section"),
+        ("[gateway]\nlisten_on = x\n", "[gateway] listen_on: unknown key"),
+        ("[gateway]\nmax_body_size = lots\n", "[gateway] max_body_size: 'lots' is not a size"),
+        ("[gateway]\nlisten = tcp:port=nope\n", "[gateway] listen: 'tcp:port=nope'"),
+        ("[gateway]\nlisten = systemd:index=0\n", "expected systemd:domain=INET:index=N"),
+        ("[gateway]\n", "no [route:NAME] section"),
+        ("[route:r]\nuri = /a\nupstream = missing\n", "[route:r] upstream: no section [upstream:missing]"),
+        ("[route:r]\nupstream = u\n", "[route:r] uri: is required"),
+        ("[upstream:u]\nnodes = h:1\n[route:r]\nuri = a/b\nupstream = u\n", "[route:r] uri: 'a/b'"),
+        ("[upstream:u]\nnodes = h:1\n[route:r]\nuri = /a\nupstream = u\nlimit-foo.x = 1\n",
+         "[route:r] limit-foo.x: unknown key or plugin 'limit-foo'"),
+        ("[upstream:u]\nnodes = h:1\n[route:r]\nuri = /a\nupstream = u\nproxy-rewrite.bogus = 1\n",
+         "[route:r] proxy-rewrite.bogus: unknown option"),
+        ("[upstream:u]\nnodes = h:1\n[route:r]\nuri = /a\nupstream = u\nproxy-rewrite.headers.set.Host = x\n",
+         "set by the gateway itself"),
+        ("[upstream:u]\nnodes = h:1\n[route:r]\nuri = /a\nupstream = u\nmethods = GET POST\n"
+         "[route:s]\nuri = /a\nupstream = u\nmethods = POST\n",
+         "[route:s] uri: '/a' is already served by [route:r]"),
+        ("[upstream:u]\nnodes = h:1\nscheme = ftp\n", "[upstream:u] scheme: 'ftp' is not one of http, https"),
+        ("[upstream:u]\nnodes = h:1\ntype = chash\n", "[upstream:u] type: 'chash' is not one of roundrobin"),
+        ("[upstream:u]\n", "[upstream:u] nodes: is required"),
+        ("[upstream:u]\nnodes = h:99999\n", "port out of range"),
+        ("[upstream:u]\nnodes = h:1 x\n", "the weight must be a whole number"),
+        ("[upstream:u]\nnodes = h:1 0\n", "at least one node with a weight above 0"),
+        ("[upstream:u]\nnodes = h:1\ntimeout_read = 0\n", "[upstream:u] timeout_read: must be above 0"),
+        ("[upstream:u]\nnodes = h:1\ntimeout_read = -1\n", "[upstream:u] timeout_read: '-1' must be at least 0"),
+        ("[upstream:u]\nnodes = h:1\nretries = 1.5\n", "[upstream:u] retries: '1.5' is not a whole number"),
+        ("[upstream:u]\nnodes = h:1\npass_host = rewrite\n", "[upstream:u] upstream_host: is required"),
+        ("[upstream:u]\nnodes = h:1\nca_file = /nonexistent/ca.pem\n", "[upstream:u] ca_file: cannot read"),
+        ("[upstream:u]\nnodes = h:1\nscheme = http\nca_file = /x\n", "only applies to scheme = https"),
+        ("[gateway]\nlisten = a\nlisten = b\n", "line 3: [gateway] listen: key appears twice"),
+    ],
+)
+def test_errors_name_file_section_and_key(text, expected):
+    """Each kind of bad input stops start-up with a message saying where and why."""
+    message = bad(text)
+    assert expected in message
+    assert message.startswith("/etc/gw.ini")
+
+
+def test_unresolvable_reference_names_the_reference():
+    """An unset variable is an error naming it; APISIX would send the literal."""
+    message = bad(CONTRACT)
+    assert "[route:openai-chat] proxy-rewrite.headers.set.Authorization" in message
+    assert "$ENV://OPENAI_API_KEY" in message and "not set" in message
+
+
+def test_errors_never_show_resolved_secrets():
+    """A bad value built from a secret is quoted as written, not resolved."""
+    text = "[gateway]\nmax_body_size = $ENV://SIZE\n"
+    message = bad(text, {"SIZE": "canary-secret-1234"})
+    assert "canary-secret-1234" not in message
+    assert "$ENV://SIZE" in message
+
+
+def test_secret_kinds(tmp_path):
+    """$ENV, $FILE (trailing newline stripped) and $CREDENTIAL resolve anywhere in a value."""
+    (tmp_path / "key").write_text("sk-file\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "openai_api_key").write_text("sk-cred")
+    environ = {"A": "sk-env", "CREDENTIALS_DIRECTORY": str(creds)}
+    value = f"x $ENV://A y $FILE://{tmp_path}/key z $CREDENTIAL://openai_api_key"
+    assert secrets.resolve(value, environ) == "x sk-env y sk-file z sk-cred"
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("$FILE:///nonexistent/key", "$FILE:///nonexistent/key: cannot read"),
+        ("$FILE://relative", "must be absolute"),
+        ("$CREDENTIAL://k", "$CREDENTIALS_DIRECTORY is not set"),
+        ("$CREDENTIAL://../etc/passwd", "not a credential name"),
+        ("$ENV://EMPTY", "the secret is empty"),
+    ],
+)
+def test_secret_errors(value, expected):
+    """Unresolvable references fail with a message naming the reference."""
+    with pytest.raises(secrets.SecretError) as caught:
+        secrets.resolve(value, {"EMPTY": ""})
+    assert expected in str(caught.value)
+
+
+def test_sizes_and_defaults():
+    """Sizes take K/M/G suffixes; retries default to nodes - 1; ports default by scheme."""
+    config = parse(
+        "[gateway]\nmax_body_size = 512k\n[upstream:u]\nnodes = a.example\n  b.example 2\n"
+        "[route:r]\nuri = /x\nupstream = u\n",
+        "gw.ini",
+        {},
+    )
+    assert config.gateway.max_body_size == 512 * 1024
+    assert config.upstreams["u"].nodes == (Node("a.example", 443, 1), Node("b.example", 443, 2))
+    assert config.upstreams["u"].retries == 1
+    assert config.routes[0].methods is None

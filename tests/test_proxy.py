@@ -1,0 +1,309 @@
+"""The request path in memory: real Site and Agent, StringTransports, a fake clock."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from openaigw.interfaces import IPlugin, IRequestFilter
+from openaigw.plugins import REGISTRY
+from openaigw.plugins.proxy_rewrite import RewriteFilter, RewriteSettings
+
+from tests.memory import BASE_CONFIG, Gateway, post, response
+
+CHAT = b"/v1/chat/completions"
+BODY = b'{"model": "gpt-4o-mini", "messages": []}'
+
+
+def error_of(raw: bytes) -> dict:
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])["error"]
+
+
+def head_of(raw: bytes) -> bytes:
+    return raw.split(b"\r\n\r\n", 1)[0]
+
+
+def test_plugins_provide_interfaces():
+    """Every registered plugin provides IPlugin; proxy-rewrite's filter IRequestFilter."""
+    for plugin in REGISTRY.values():
+        assert verifyObject(IPlugin, plugin)
+    assert verifyObject(IRequestFilter, RewriteFilter(RewriteSettings()))
+
+
+def test_request_headers_forwarded_and_key_injected():
+    """The key replaces the client's; hop-by-hop and Connection-named headers go;
+    duplicates stay; X-Forwarded-* and the node's Host are set."""
+    gw = Gateway()
+    gw.client(post(CHAT, BODY, b"Authorization: Bearer client-key\r\nConnection: keep-alive, X-Drop\r\n"
+                   b"X-Drop: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nX-Dup: a\r\nX-Dup: b\r\n"
+                   b"X-Forwarded-For: 203.0.113.9\r\n"))
+    sent = gw.upstream().received()
+    head, body = sent.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/chat/completions HTTP/1.1"
+    assert b"Authorization: Bearer sk-real" in lines
+    assert b"client-key" not in sent
+    for dropped in (b"X-Drop", b"Keep-Alive", b"Te:", b"TE:"):
+        assert not any(line.startswith(dropped) for line in lines)
+    assert lines.count(b"X-Dup: a") == 1 and lines.count(b"X-Dup: b") == 1
+    assert b"X-Forwarded-For: 203.0.113.9, 192.0.2.7" in lines
+    assert b"X-Forwarded-Proto: http" in lines
+    assert b"X-Forwarded-Host: gw.example" in lines
+    assert b"Host: 10.0.0.1:8080" in lines
+    assert body == BODY
+
+
+def test_pass_host_pass_and_rewrite():
+    """pass_host = pass keeps the client's Host; rewrite uses upstream_host."""
+    for setting, expected in ((b"pass_host = pass", b"Host: gw.example"),
+                              (b"pass_host = rewrite\nupstream_host = api.internal", b"Host: api.internal")):
+        config = BASE_CONFIG.replace("retries = 1", "retries = 1\n" + setting.decode())
+        gw = Gateway(config)
+        gw.client(post(CHAT, BODY))
+        assert expected in gw.upstream().received().split(b"\r\n")
+
+
+def test_rewrite_uri_keeps_query():
+    """proxy-rewrite.uri replaces the path and keeps the client's query string."""
+    config = BASE_CONFIG + "proxy-rewrite.uri = /openai/deployments/d/models\n"
+    gw = Gateway(config)
+    gw.client(b"GET /v1/models?api-version=1 HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert gw.upstream().received().startswith(b"GET /openai/deployments/d/models?api-version=1 HTTP/1.1")
+
+
+def test_response_passes_through():
+    """Status and headers pass; no TwistedWeb Server header; the body is untouched."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY))
+    gw.upstream().send(response(b"201 Created", b"x-request-id: req_1\r\nopenai-processing-ms: 12\r\n"
+                                b"x-ratelimit-remaining-requests: 9\r\nKeep-Alive: timeout=5\r\n", b'{"a": 1}'))
+    raw = client.value()
+    head = head_of(raw).lower()
+    assert head.startswith(b"http/1.1 201 created")
+    for header in (b"x-request-id: req_1", b"openai-processing-ms: 12", b"x-ratelimit-remaining-requests: 9",
+                   b"content-length: 8"):
+        assert header in head
+    assert b"twistedweb" not in head and b"keep-alive" not in head
+    assert raw.endswith(b'{"a": 1}')
+
+
+def test_upstream_errors_pass_through_unchanged():
+    """A 429 from the upstream reaches the client as it was."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY))
+    body = b'{"error": {"message": "slow down", "type": "requests", "param": null, "code": "rate_limit_exceeded"}}'
+    gw.upstream().send(response(b"429 Too Many Requests", b"retry-after: 3\r\n", body))
+    assert client.value().startswith(b"HTTP/1.1 429 Too Many Requests")
+    assert b"Retry-After: 3" in client.value() and client.value().endswith(body)
+
+
+def test_event_stream_relayed_chunk_by_chunk():
+    """Each upstream read is written to the client at once, and SSE gets X-Accel-Buffering: no."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert b"X-Accel-Buffering: no" in client.value()
+    for i in range(3):
+        event = b'data: {"n": %d}\n\n' % i
+        before = len(client.value())
+        upstream.send(b"%x\r\n%s\r\n" % (len(event), event))
+        assert event in client.value()[before:]
+    upstream.send(b"0\r\n\r\n")
+    assert client.value().endswith(b"0\r\n\r\n")  # a clean end of the chunked body
+
+
+def test_no_route_and_wrong_method():
+    """Unknown paths get 404 and known URIs with another method 405, as OpenAI JSON."""
+    gw = Gateway()
+    _, client = gw.client(b"GET /v2/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert client.value().startswith(b"HTTP/1.1 404")
+    assert error_of(client.value())["code"] == "route_not_found"
+    # /v1/chat/completions is POST-only, but /v1/* takes any method: it serves the GET.
+    config = BASE_CONFIG.replace("[route:api]\nuri = /v1/*", "[route:api]\nuri = /v1/models\nmethods = GET")
+    gw = Gateway(config)
+    _, client = gw.client(b"GET /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert client.value().startswith(b"HTTP/1.1 405")
+    assert b"Allow: POST" in client.value()
+    assert set(error_of(client.value())) == {"message", "type", "param", "code"}
+    assert b"TwistedWeb" not in client.value()
+
+
+def test_exact_beats_prefix_and_longest_prefix_wins():
+    """/v1/chat/completions goes to the exact route; /v1/x/y to the longer prefix."""
+    config = BASE_CONFIG + (
+        "\n[upstream:other]\nscheme = http\nnodes = 10.0.0.9:80\n"
+        "[route:longer]\nuri = /v1/x/*\nupstream = other\n"
+    )
+    gw = Gateway(config)
+    gw.client(b"GET /v1/x/y HTTP/1.1\r\nHost: gw\r\n\r\n")
+    gw.client(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert gw.connects() == ["10.0.0.9:80", "10.0.0.1:8080"]
+
+
+def test_dot_segments_rejected():
+    """Paths with . or .. segments (even percent-encoded) never reach an upstream."""
+    gw = Gateway()
+    _, client = gw.client(b"GET /v1/%2e%2e/admin HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert client.value().startswith(b"HTTP/1.1 400")
+    assert gw.connects() == []
+
+
+def test_body_too_large_by_content_length():
+    """A declared body over max_body_size gets 413 before the body is read."""
+    gw = Gateway()
+    _, client = gw.client(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 5000\r\n"
+                          b"Expect: 100-continue\r\n\r\n")
+    assert client.value().startswith(b"HTTP/1.1 413")
+    assert b"100 Continue" not in client.value()
+    assert error_of(client.value())["code"] == "request_too_large"
+    gw.reactor.advance(1)
+    assert client.disconnecting
+    assert gw.connects() == []
+
+
+def test_body_too_large_chunked():
+    """A chunked body that grows over the limit gets 413 as soon as it does."""
+    gw = Gateway()
+    channel, client = gw.client(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n")
+    channel.dataReceived(b"400\r\n" + b"x" * 1024 + b"\r\n")
+    assert client.value() == b""
+    channel.dataReceived(b"1\r\nx\r\n")
+    assert client.value().startswith(b"HTTP/1.1 413")
+    channel.dataReceived(b"0\r\n\r\n")
+    assert gw.connects() == []
+
+
+def test_connect_failure_tries_next_node():
+    """A refused connection moves on to the next node before anything reaches the client."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY))
+    host, port, factory, _, _ = gw.reactor.tcpClients[0]
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert gw.connects() == ["10.0.0.1:8080", "10.0.0.2:8080"]
+    gw.upstream(1).send(response())
+    assert client.value().startswith(b"HTTP/1.1 200")
+
+
+def test_all_nodes_down_is_502():
+    """When every try fails the client gets an OpenAI-shaped 502."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY))
+    for index in range(2):
+        gw.reactor.tcpClients[index][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert client.value().startswith(b"HTTP/1.1 502")
+    assert error_of(client.value())["type"] == "upstream_error"
+
+
+def test_connect_timeout():
+    """A node that does not complete the connection within timeout_connect is skipped."""
+    gw = Gateway(BASE_CONFIG.replace("retries = 1", "retries = 0"))
+    _, client = gw.client(post(CHAT, BODY))
+    gw.reactor.advance(4.9)
+    assert client.value() == b""
+    gw.reactor.advance(0.2)
+    assert client.value().startswith(b"HTTP/1.1 502")
+    assert b"timed out" in client.value()
+
+
+def test_read_timeout_before_headers_is_504():
+    """No response headers within timeout_read: 504, and the upstream connection is dropped."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    gw.reactor.advance(29)
+    assert client.value() == b""
+    gw.reactor.advance(2)
+    assert client.value().startswith(b"HTTP/1.1 504")
+    assert upstream.transport.disconnecting
+    assert len(gw.connects()) == 1  # not retried: the upstream may be working on it
+
+
+def test_idle_timeout_mid_body_aborts_client():
+    """An upstream silent for timeout_read mid-body: the client connection is aborted."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"6\r\ndata: \r\n")
+    gw.reactor.advance(20)
+    upstream.send(b"2\r\n1\n\r\n")  # data re-arms the timer
+    gw.reactor.advance(20)
+    assert not client.disconnecting
+    gw.reactor.advance(11)
+    assert upstream.transport.producerState == "stopped"
+    upstream.protocol.connectionLost(Failure(ConnectionDone()))
+    assert client.disconnected  # aborted, not a clean end
+
+
+def test_upstream_dies_mid_body_aborts_client():
+    """A truncated upstream body is never ended cleanly towards the client."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    upstream.protocol.connectionLost(Failure(ConnectionDone()))
+    assert client.value().endswith(b"partial")
+    assert client.disconnected
+
+
+def test_disconnect_before_response_cancels_upstream():
+    """A client that leaves while waiting closes the upstream connection at once."""
+    gw = Gateway()
+    channel, client = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert upstream.transport.disconnecting
+    gw.reactor.advance(100)  # no timers left to fire into a dead request
+    assert client.value() == b""
+
+
+def test_disconnect_while_connecting_cancels_attempt():
+    """A client that leaves before the upstream connection is up cancels the connect."""
+    gw = Gateway()
+    channel, client = gw.client(post(CHAT, BODY))
+    channel.connectionLost(Failure(ConnectionDone()))
+    connector = gw.reactor.connectors[0]
+    assert connector.stoppedConnecting
+
+
+def test_disconnect_mid_stream_closes_upstream():
+    """A client that leaves mid-stream stops the upstream stream."""
+    gw = Gateway()
+    channel, client = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"6\r\ndata: \r\n")
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert upstream.transport.producerState == "stopped"
+
+
+def test_backpressure_pauses_upstream():
+    """A client that cannot keep up pauses reading from the upstream, and resumes it."""
+    gw = Gateway()
+    channel, client = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+    channel.pauseProducing()  # what the client transport does when its buffer is full
+    assert upstream.transport.producerState == "paused"
+    gw.reactor.advance(60)  # paused by us: not an upstream timeout
+    assert not client.disconnected
+    channel.resumeProducing()
+    assert upstream.transport.producerState == "producing"
+
+
+def test_stale_pooled_connection_is_retried_once():
+    """A reused connection the upstream had closed is retried on a new connection."""
+    gw = Gateway(BASE_CONFIG.replace("    10.0.0.2:8080 1\n", ""))
+    _, first = gw.client(post(CHAT, BODY))
+    gw.upstream().send(response())
+    assert first.value().startswith(b"HTTP/1.1 200")
+    _, client = gw.client(post(CHAT, BODY))
+    assert len(gw.connects()) == 1  # the pooled connection is reused
+    gw.upstream(0).protocol.connectionLost(Failure(ConnectionDone()))
+    assert len(gw.connects()) == 2
+    gw.upstream(1).send(response())
+    assert client.value().startswith(b"HTTP/1.1 200")
