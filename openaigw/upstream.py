@@ -103,6 +103,7 @@ class NodeEndpoint:
             self._tcp = HostnameEndpoint(reactor, node.host, node.port, timeout)
 
     def connect(self, factory: IProtocolFactory) -> "Deferred[Any]":
+        factory.noisy = False  # type: ignore[attr-defined]  # no log line per connection
         ready: "Deferred[Any]"
         connecting: "Deferred[Any]"
         connected: Dict[str, Any] = {}

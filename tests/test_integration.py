@@ -80,6 +80,18 @@ scheme = https
 nodes = 127.0.0.1:{nodes["rogue"]}
 ca_file = {pki.ca}
 
+[upstream:wrong-name]
+scheme = https
+nodes = 127.0.0.1:{nodes["a"]}
+ca_file = {pki.ca}
+pass_host = rewrite
+upstream_host = api.example.com
+
+[route:wrong-name]
+uri = /wrong-name/*
+upstream = wrong-name
+proxy-rewrite.uri = /v1/chat/completions
+
 [route:chat]
 uri = /v1/chat/completions
 methods = POST
@@ -214,6 +226,14 @@ def test_rogue_certificate_is_502(gateway):
     """An upstream whose certificate does not chain to ca_file gets no request: 502."""
     with pytest.raises(openai.APIStatusError) as caught:
         client(gateway, base="/rogue").chat.completions.create(model="m", messages=MESSAGES)
+    assert caught.value.status_code == 502
+    assert caught.value.body["message"] == "TLS verification of the upstream server failed"
+
+
+def test_certificate_for_another_name_is_502(gateway):
+    """A certificate from the right CA but for another host name fails verification."""
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(gateway, base="/wrong-name").chat.completions.create(model="m", messages=MESSAGES)
     assert caught.value.status_code == 502
     assert caught.value.body["message"] == "TLS verification of the upstream server failed"
 
