@@ -10,6 +10,7 @@ setup(
     python_requires=">=3.11",
     packages=["openaigw", "openaigw.plugins", "twisted.plugins"],
     package_data={"twisted": ["plugins/openaigw_plugin.py"]},
+    entry_points={"console_scripts": ["openaigw-keygen = openaigw.keygen:main"]},
     install_requires=[
         "Twisted>=22.4",
         "pyOpenSSL>=23.0",

@@ -7,6 +7,7 @@ are quoted in errors as written in the file, so a resolved secret never appears.
 from __future__ import annotations
 
 import configparser
+import hashlib
 import math
 import os
 import re
@@ -88,6 +89,15 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class ConsumerConfig:
+    """A ``[consumer:NAME]`` section: who holds a gateway key, and their limits."""
+
+    name: str
+    key_digest: bytes  # SHA-256 of the key
+    plugins: Tuple[PluginConfig, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole, validated gw.ini."""
 
@@ -95,6 +105,7 @@ class Config:
     gateway: GatewayConfig
     upstreams: Mapping[str, UpstreamConfig]
     routes: Tuple[RouteConfig, ...]
+    consumers: Tuple[ConsumerConfig, ...] = ()
 
 
 class Section:
@@ -189,10 +200,19 @@ class Section:
 class PluginOptions:
     """The ``plugin.option`` keys of one plugin in one section."""
 
-    def __init__(self, section: Section, plugin: str, keys: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        section: Section,
+        plugin: str,
+        keys: Mapping[str, str],
+        scope: str = "route",
+        consumers: Tuple[str, ...] = (),
+    ) -> None:
         self.section = section
         self.plugin = plugin
         self._keys = dict(keys)  # option -> full key in the section
+        self.scope = scope  # "route" or "consumer"
+        self.consumers = consumers  # the names of all [consumer:NAME] sections
 
     def options(self) -> List[str]:
         """Option names, without the plugin prefix (``""`` for ``plugin = value``)."""
@@ -244,6 +264,7 @@ def parse(text: str, path: str, environ: Mapping[str, str]) -> Config:
     gateway = GatewayConfig()
     upstream_sections: List[Section] = []
     route_sections: List[Section] = []
+    consumer_sections: List[Section] = []
     for name in parser.sections():
         section = Section(path, name, parser[name], environ)
         kind, _, label = name.partition(":")
@@ -253,16 +274,29 @@ def parse(text: str, path: str, environ: Mapping[str, str]) -> Config:
             upstream_sections.append(section)
         elif kind == "route" and label:
             route_sections.append(section)
+        elif kind == "consumer" and label:
+            consumer_sections.append(section)
         else:
             raise section.error(
-                None, "unknown section (expected [gateway], [upstream:NAME] or [route:NAME])"
+                None,
+                "unknown section (expected [gateway], [upstream:NAME], [route:NAME]"
+                " or [consumer:NAME])",
             )
     upstreams = {s.name.partition(":")[2]: _upstream(s) for s in upstream_sections}
-    routes = tuple(_route(s, upstreams) for s in route_sections)
+    names = tuple(s.name.partition(":")[2] for s in consumer_sections)
+    consumers = tuple(_consumer(s, names) for s in consumer_sections)
+    digests: Dict[bytes, str] = {}
+    for consumer in consumers:
+        if consumer.key_digest in digests:
+            raise ConfigError(
+                f"{path}: [consumer:{consumer.name}]: same key as [consumer:{digests[consumer.key_digest]}]"
+            )
+        digests[consumer.key_digest] = consumer.name
+    routes = tuple(_route(s, upstreams, names) for s in route_sections)
     if not routes:
         raise ConfigError(f"{path}: no [route:NAME] section: nothing to serve")
     _check_overlaps(routes, path)
-    return Config(path, gateway, upstreams, routes)
+    return Config(path, gateway, upstreams, routes, consumers)
 
 
 def _known(section: Section, keys: Tuple[str, ...]) -> None:
@@ -387,9 +421,56 @@ def _check_ca_file(section: Section, path: str) -> None:
         raise section.error("ca_file", f"{path} holds no PEM certificate") from None
 
 
-def _route(section: Section, upstreams: Mapping[str, UpstreamConfig]) -> RouteConfig:
+def _plugins(
+    section: Section, core: Tuple[str, ...], scope: str, consumers: Tuple[str, ...]
+) -> Tuple[PluginConfig, ...]:
+    """The plugins configured by the ``plugin.option`` keys of ``section``."""
     from openaigw.plugins import REGISTRY
 
+    grouped: Dict[str, Dict[str, str]] = {}
+    for key in section.keys():
+        if key in core:
+            continue
+        plugin, _, option = key.partition(".")
+        if plugin not in REGISTRY or scope not in REGISTRY[plugin].scopes:
+            known = ", ".join(sorted(p for p, v in REGISTRY.items() if scope in v.scopes))
+            raise section.error(
+                key, f"unknown key or plugin {plugin!r} (keys: {', '.join(core)}; plugins: {known})"
+            )
+        grouped.setdefault(plugin, {})[option] = key
+    plugins = []
+    for plugin_name, keys in grouped.items():
+        options = PluginOptions(section, plugin_name, keys, scope, consumers)
+        settings = REGISTRY[plugin_name].parse(options)
+        if settings is not None:
+            plugins.append(PluginConfig(plugin_name, settings))
+    plugins.sort(key=lambda p: REGISTRY[p.name].priority)
+    return tuple(plugins)
+
+
+def _consumer(section: Section, names: Tuple[str, ...]) -> ConsumerConfig:
+    name = section.name.partition(":")[2]
+    if "key" in section and "key_sha256" in section:
+        raise section.error("key", "give key_sha256 or key, not both")
+    if "key_sha256" in section:
+        digest = section.require("key_sha256").lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise section.error("key_sha256", "expected 64 hex digits (openaigw-keygen prints them)")
+        key_digest = bytes.fromhex(digest)
+    elif "key" in section:
+        key = section.require("key")
+        if len(key) < 16:
+            raise section.error("key", "a key needs at least 16 characters")
+        key_digest = hashlib.sha256(key.encode("utf-8")).digest()
+    else:
+        raise section.error(None, "needs key_sha256 (or key)")
+    plugins = _plugins(section, ("key_sha256", "key"), "consumer", names)
+    return ConsumerConfig(name, key_digest, plugins)
+
+
+def _route(
+    section: Section, upstreams: Mapping[str, UpstreamConfig], consumers: Tuple[str, ...] = ()
+) -> RouteConfig:
     name = section.name.partition(":")[2]
     uris = tuple(section.require("uri").split())
     for uri in uris:
@@ -407,24 +488,8 @@ def _route(section: Section, upstreams: Mapping[str, UpstreamConfig]) -> RouteCo
     if upstream not in upstreams:
         raise section.error("upstream", f"no section [upstream:{upstream}]")
 
-    grouped: Dict[str, Dict[str, str]] = {}
-    for key in section.keys():
-        if key in ("uri", "methods", "upstream"):
-            continue
-        plugin, _, option = key.partition(".")
-        if plugin not in REGISTRY:
-            known = ", ".join(sorted(REGISTRY))
-            raise section.error(
-                key, f"unknown key or plugin {plugin!r} (keys: uri, methods, upstream; plugins: {known})"
-            )
-        grouped.setdefault(plugin, {})[option] = key
-    plugins = []
-    for plugin_name, keys in grouped.items():
-        settings = REGISTRY[plugin_name].parse(PluginOptions(section, plugin_name, keys))
-        if settings is not None:
-            plugins.append(PluginConfig(plugin_name, settings))
-    plugins.sort(key=lambda p: REGISTRY[p.name].priority)
-    return RouteConfig(name, uris, upstream, methods, tuple(plugins))
+    plugins = _plugins(section, ("uri", "methods", "upstream"), "route", consumers)
+    return RouteConfig(name, uris, upstream, methods, plugins)
 
 
 def _check_overlaps(routes: Tuple[RouteConfig, ...], path: str) -> None:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
 
+from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
+
+from openaigw.usage import Usage, UsageMeter
+
+log = Logger()
+_UNPARSED = object()
 
 
 @dataclass
@@ -13,7 +21,10 @@ class Exchange:
     """One client request and the upstream request being made from it.
 
     ``method``, ``path`` (with its query string), ``headers`` and ``body`` are what will
-    be sent upstream; request filters change them in place.
+    be sent upstream; request filters change them in place.  Filters also name the
+    ``consumer``, add ``response_headers`` (sent with the answer, the gateway's own
+    errors included), ask for the token ``usage`` to be metered, and register
+    callbacks to run when the exchange is over, however it ends.
     """
 
     request: IRequest
@@ -22,6 +33,50 @@ class Exchange:
     path: bytes
     headers: Headers
     body: bytes
+    consumer: Optional[str] = None
+    response_headers: Dict[bytes, bytes] = field(default_factory=dict)
+    meter_usage: bool = False
+    strip_usage: bool = False
+    meter: Optional[UsageMeter] = None
+    _json: Any = _UNPARSED
+    _on_complete: List[Callable[["Exchange"], None]] = field(default_factory=list)
+
+    @property
+    def client_address(self) -> str:
+        peer = self.request.getClientAddress()
+        return str(getattr(peer, "host", "") or "unknown")
+
+    def json(self) -> Any:
+        """The request body as JSON (parsed once), or None if it is not JSON."""
+        if self._json is _UNPARSED:
+            try:
+                self._json = json.loads(self.body) if self.body else None
+            except ValueError:
+                self._json = None
+        return self._json
+
+    def set_json(self, value: Any) -> None:
+        """Replace the body with ``value`` serialised."""
+        self._json = value
+        self.body = json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+    @property
+    def usage(self) -> Optional[Usage]:
+        """Tokens used by the answer (None when the upstream gave no answer)."""
+        return self.meter.usage() if self.meter is not None else None
+
+    def on_complete(self, callback: Callable[["Exchange"], None]) -> None:
+        """Run ``callback(exchange)`` once the exchange is over."""
+        self._on_complete.append(callback)
+
+    def complete(self) -> None:
+        """Run the completion callbacks (each once; one failing does not stop the rest)."""
+        callbacks, self._on_complete = self._on_complete, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log.failure("completion callback failed for route {route}", route=self.route)
 
 
 @dataclass

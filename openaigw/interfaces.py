@@ -34,6 +34,7 @@ class IPlugin(Interface):
     priority = Attribute(
         "Order among a route's plugins, lowest first (auth before limits before rewrites)."
     )
+    scopes = Attribute("Where it may be configured: 'route' and/or 'consumer' sections.")
 
     def parse(options):  # type: ignore[no-untyped-def]
         """Validate :class:`openaigw.config.PluginOptions`; return frozen settings.
@@ -42,8 +43,12 @@ class IPlugin(Interface):
         ``ConfigError`` made by ``options.error(option, message)`` for bad input.
         """
 
-    def create(settings, reactor):  # type: ignore[no-untyped-def]
-        """Build the filter object (providing IRequestFilter and/or IResponseFilter)."""
+    def create(settings, runtime, scope):  # type: ignore[no-untyped-def]
+        """Build the filter (providing IRequestFilter and/or IResponseFilter).
+
+        ``runtime`` is the :class:`openaigw.runtime.Runtime` (clock, shared state);
+        ``scope`` names the section, e.g. ``route:openai-chat`` or ``consumer:team-a``.
+        """
 
 
 class IBalancer(Interface):
@@ -51,3 +56,34 @@ class IBalancer(Interface):
 
     def pick(excluded):  # type: ignore[no-untyped-def]
         """Return the next :class:`openaigw.config.Node` not in ``excluded``, or None."""
+
+
+class IWindowCounters(Interface):
+    """Fixed-window counters (limit-count requests, ai-rate-limiting tokens).
+
+    Windows are aligned to multiples of their length, so instances sharing a store
+    agree on them.  Implementations drop expired windows.
+    """
+
+    def peek(key, window):  # type: ignore[no-untyped-def]
+        """Return ``(count, seconds_to_reset)`` for ``key``'s current window."""
+
+    def add(key, window, amount):  # type: ignore[no-untyped-def]
+        """Add ``amount`` to ``key``'s current window; return ``(count, seconds_to_reset)``."""
+
+
+class ILeakyBuckets(Interface):
+    """Leaky buckets for limit-req (nginx's limit_req semantics)."""
+
+    def take(key, rate, burst):  # type: ignore[no-untyped-def]
+        """Admit one request: ``(True, delay)``, or ``(False, retry_after)`` when over the burst."""
+
+
+class IConcurrency(Interface):
+    """Counts requests in flight per key (limit-conn)."""
+
+    def acquire(key, limit):  # type: ignore[no-untyped-def]
+        """Take a slot for ``key``; False when ``limit`` are already taken."""
+
+    def release(key):  # type: ignore[no-untyped-def]
+        """Give back a slot taken by ``acquire``."""

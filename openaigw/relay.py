@@ -17,9 +17,11 @@ from zope.interface import implementer
 
 from openaigw import errors
 from openaigw.exchange import Exchange, ResponseHead
+from openaigw.filters import run_filters
 from openaigw.headers import request_headers, response_headers
 from openaigw.interfaces import IRequestFilter, IResponseFilter
 from openaigw.upstream import Upstream
+from openaigw.usage import UsageMeter, estimate_prompt_tokens
 
 log = Logger()
 
@@ -36,18 +38,22 @@ class BodyRelay(Protocol):
     """Writes each upstream read to the client as it arrives.
 
     Registered as the client's producer: a slow client pauses reading from the
-    upstream.  ``timeout`` bounds the upstream's silence while not paused.
+    upstream.  ``timeout`` bounds the upstream's silence while not paused.  A
+    ``meter`` sees every read (and may hold back bytes the client must not get).
     ``done`` fires when the body has ended either way; cancelling it closes the
     upstream connection.
     """
 
-    def __init__(self, request: IRequest, clock: Any, timeout: float) -> None:
+    def __init__(
+        self, request: IRequest, clock: Any, timeout: float, meter: Optional[UsageMeter] = None
+    ) -> None:
         self._request = request
         self._clock = clock
         self._timeout = timeout
+        self._meter = meter
         self._timer: Any = None
         self._timed_out = False
-        self.done: "Deferred[None]" = Deferred(lambda _: self.stopProducing())
+        self.done: "Deferred[None]" = Deferred(self._cancel)
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
@@ -55,6 +61,10 @@ class BodyRelay(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._timer.reset(self._timeout)
+        if self._meter is not None:
+            data = self._meter.feed(data)
+            if not data:
+                return
         self._request.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # type: ignore[assignment]
@@ -63,15 +73,24 @@ class BodyRelay(Protocol):
         if self.done.called:  # cancelled: the client is gone
             return
         request = self._request
+        complete = reason.check(ResponseDone, PotentialDataLoss) is not None
+        rest = self._meter.finish(complete) if self._meter is not None else b""
         if getattr(request, "channel", None) is not None:
             request.unregisterProducer()
-            if reason.check(ResponseDone, PotentialDataLoss):
+            if complete:
+                if rest:
+                    request.write(rest)
                 request.finish()
             else:
                 why = "timeout" if self._timed_out else reason.getErrorMessage()
                 log.warn("upstream body cut short ({why}): aborting the client connection", why=why)
                 abort_client(request)
         self.done.callback(None)
+
+    def _cancel(self, _: object) -> None:
+        if self._meter is not None:
+            self._meter.finish(False)
+        self.stopProducing()
 
     def _expire(self) -> None:
         self._timed_out = True
@@ -107,14 +126,6 @@ class RouteResource(Resource):
         self._response_filters: List[Any] = [f for f in filters if IResponseFilter.providedBy(f)]
 
     def render(self, request: IRequest) -> Any:
-        handling = Deferred.fromCoroutine(self._proxy(request))
-        # A client that leaves cancels whatever is being awaited: connecting,
-        # waiting for headers or relaying the body.
-        request.notifyFinish().addErrback(lambda _: handling.cancel())
-        handling.addErrback(self._failed, request)
-        return NOT_DONE_YET
-
-    async def _proxy(self, request: IRequest) -> None:
         scheme = b"https" if request.isSecure() else b"http"
         exchange = Exchange(
             request=request,
@@ -124,14 +135,23 @@ class RouteResource(Resource):
             headers=request_headers(request, scheme),
             body=request.content.read() if request.content is not None else b"",
         )
+        handling = Deferred.fromCoroutine(self._proxy(exchange))
+        # A client that leaves cancels whatever is being awaited: a limit's delay,
+        # connecting, waiting for headers or relaying the body.
+        request.notifyFinish().addErrback(lambda _: handling.cancel())
+        handling.addErrback(self._failed, exchange)
+        handling.addBoth(lambda _: exchange.complete())
+        return NOT_DONE_YET
+
+    async def _proxy(self, exchange: Exchange) -> None:
         try:
-            for request_filter in self._request_filters:
-                waiting = request_filter.filter_request(exchange)
-                if waiting is not None:
-                    await waiting
+            await run_filters(self._request_filters, exchange)
             response, node = await self._upstream.send(exchange)
         except errors.GatewayError as e:
-            errors.write_error(request, e)
+            e.headers.update(
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in exchange.response_headers.items()
+            )
+            errors.write_error(exchange.request, e)
             return
         await self._relay(exchange, response)
 
@@ -139,21 +159,31 @@ class RouteResource(Resource):
         head = ResponseHead(response.code, response.phrase, response_headers(response.headers))
         for response_filter in self._response_filters:
             response_filter.filter_response(exchange, head)
+        for name, value in exchange.response_headers.items():
+            head.headers.setRawHeaders(name, [value])
         request = exchange.request
         request.setResponseCode(head.code, head.phrase)
         request.responseHeaders = head.headers
         content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
         if content_type.lower().startswith(b"text/event-stream"):
             head.headers.setRawHeaders(b"x-accel-buffering", [b"no"])
-        if isinstance(response.length, int):
+        meter = None
+        if exchange.meter_usage and 200 <= head.code < 300:
+            encoding = head.headers.getRawHeaders(b"content-encoding", [b""])[0]
+            meter = UsageMeter(
+                content_type, encoding, exchange.strip_usage, estimate_prompt_tokens(exchange.json())
+            )
+            exchange.meter = meter
+        if isinstance(response.length, int) and not exchange.strip_usage:
             head.headers.setRawHeaders(b"content-length", [b"%d" % response.length])
         else:
             request.write(b"")  # a stream: the client gets the headers now, not with the first event
-        relay = BodyRelay(request, self._clock, self._upstream.config.timeout_read)
+        relay = BodyRelay(request, self._clock, self._upstream.config.timeout_read, meter)
         response.deliverBody(relay)
         await relay.done
 
-    def _failed(self, failure: Failure, request: IRequest) -> None:
+    def _failed(self, failure: Failure, exchange: Exchange) -> None:
+        request = exchange.request
         if failure.check(CancelledError):
             return  # the client left; the upstream request was cancelled with it
         log.failure("unexpected error proxying {path}", failure, path=request.path)

@@ -8,6 +8,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from openaigw.config import parse
+from openaigw.runtime import Runtime
 from openaigw.service import build_site
 
 BASE_CONFIG = """
@@ -59,7 +60,8 @@ class Gateway:
     def __init__(self, config: str = BASE_CONFIG, environ: Optional[dict] = None) -> None:
         self.reactor = MemoryReactorClock()
         self.config = parse(config, "gw.ini", environ if environ is not None else {"KEY": "sk-real"})
-        self.site, self.upstreams = build_site(self.config, self.reactor)
+        self.runtime = Runtime.memory(self.reactor)
+        self.site, self.upstreams = build_site(self.config, self.reactor, self.runtime)
         self._connections: dict = {}
 
     def client(self, data: bytes = b"") -> Tuple[Any, StringTransport]:
@@ -80,6 +82,12 @@ class Gateway:
         if index not in self._connections:
             self._connections[index] = UpstreamConnection(self.reactor, index)
         return self._connections[index]
+
+    def requests_sent(self) -> int:
+        """How many requests reached upstream nodes (connecting any pending attempts)."""
+        return sum(
+            self.upstream(i).received().count(b" HTTP/1.1\r\n") for i in range(len(self.reactor.tcpClients))
+        )
 
     def connects(self) -> List[str]:
         return [f"{host}:{port}" for host, port, *_ in self.reactor.tcpClients]

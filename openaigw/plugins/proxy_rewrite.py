@@ -54,6 +54,7 @@ class RewriteFilter:
 class ProxyRewrite:
     name = "proxy-rewrite"
     priority = 900  # after authentication and limits, which read the client's headers
+    scopes = ("route",)
 
     def parse(self, options: PluginOptions) -> Optional[RewriteSettings]:
         uri = None
@@ -93,5 +94,5 @@ class ProxyRewrite:
         if name.lower().encode("ascii") in _FORBIDDEN:
             raise options.error(option, f"{name} is set by the gateway itself (see pass_host)")
 
-    def create(self, settings: RewriteSettings, reactor: Any) -> RewriteFilter:
+    def create(self, settings: RewriteSettings, runtime: Any, scope: str) -> RewriteFilter:
         return RewriteFilter(settings)

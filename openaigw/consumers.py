@@ -1,0 +1,54 @@
+"""Gateway keys: who is calling, from the credential an SDK sends."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from twisted.web.http_headers import Headers
+
+# Where SDKs put the key: OpenAI's (Bearer), Azure's (api-key), and the common X-API-Key.
+CREDENTIAL_HEADERS = (b"authorization", b"api-key", b"x-api-key")
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A key holder and the filters of its own limits."""
+
+    name: str
+    filters: Tuple[Any, ...] = ()
+
+
+def presented_key(headers: Headers) -> Optional[bytes]:
+    """The key in ``Authorization: Bearer``, ``api-key`` or ``X-API-Key``, if any."""
+    for value in headers.getRawHeaders(b"authorization", ()):
+        scheme, _, token = value.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and token.strip():
+            return token.strip()
+    for name in CREDENTIAL_HEADERS[1:]:
+        for value in headers.getRawHeaders(name, ()):
+            if value.strip():
+                return value.strip()
+    return None
+
+
+class KeyRing:
+    """Consumers by the SHA-256 digest of their key.
+
+    Keys are never stored or compared: a presented key is hashed and its digest
+    looked up.  The time that takes depends only on the digest, which tells an
+    attacker nothing about a valid key (no byte-by-byte comparison of secrets).
+    """
+
+    def __init__(self) -> None:
+        self._consumers: Dict[bytes, Consumer] = {}
+
+    def add(self, digest: bytes, consumer: Consumer) -> None:
+        self._consumers[digest] = consumer
+
+    def __len__(self) -> int:
+        return len(self._consumers)
+
+    def find(self, key: bytes) -> Optional[Consumer]:
+        return self._consumers.get(hashlib.sha256(key).digest())

@@ -1,0 +1,92 @@
+"""ai-rate-limiting: tokens per window, checked before a request and charged after it.
+
+The charge is the upstream's own usage count: read from JSON answers and from the
+usage chunk of streams.  A stream whose client did not ask for usage is made to ask,
+and the extra chunk is kept from the client.  An answer cut short is charged an
+estimate, flagged in the log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from openaigw.config import PluginOptions
+from openaigw.exchange import Exchange
+from openaigw.interfaces import IPlugin, IRequestFilter
+from openaigw.plugins.limits import TOKEN_HEADERS, LimitKey, check_options, label, parse_key, report, too_many
+from openaigw.usage import ask_for_usage
+
+log = Logger()
+STRATEGIES = ("total_tokens", "prompt_tokens", "completion_tokens")
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    limit: int
+    time_window: int
+    strategy: str
+    key: LimitKey
+
+
+@implementer(IRequestFilter)
+class TokenFilter:
+    def __init__(self, settings: TokenSettings, counters: Any, scope: str) -> None:
+        self._settings = settings
+        self._counters = counters
+        self._scope = scope
+
+    def filter_request(self, exchange: Exchange) -> None:
+        s = self._settings
+        key = s.key.of("ai-rate-limiting", self._scope, exchange)
+        used, reset = self._counters.peek(key, s.time_window)
+        report(exchange, TOKEN_HEADERS, s.limit, max(0, s.limit - used), reset)
+        if used >= s.limit:
+            what = f"tokens ({s.limit} {s.strategy} per {s.time_window}s, {label(self._scope)})"
+            raise too_many("tokens", what, reset)
+        exchange.meter_usage = True
+        # Usage is read from the bytes as they pass: ask for them uncompressed.
+        exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])
+        body = exchange.json()
+        if isinstance(body, dict) and ask_for_usage(body):
+            exchange.set_json(body)
+            exchange.strip_usage = True
+        exchange.on_complete(lambda done: self._charge(key, done))
+
+    def _charge(self, key: str, exchange: Exchange) -> None:
+        usage = exchange.usage
+        if usage is None:
+            return  # no answer from the upstream: nothing was generated
+        tokens = usage.get(self._settings.strategy)
+        if tokens <= 0:
+            return
+        self._counters.add(key, self._settings.time_window, tokens)
+        if usage.estimated:
+            log.info(
+                "charged an estimate of {tokens} {strategy} to {key}: the answer had no usage",
+                tokens=tokens, strategy=self._settings.strategy, key=key,
+            )
+
+
+@implementer(IPlugin)
+class AIRateLimiting:
+    name = "ai-rate-limiting"
+    priority = 400
+    scopes = ("route", "consumer")
+
+    def parse(self, options: PluginOptions) -> TokenSettings:
+        check_options(options, ("limit", "time_window", "limit_strategy", "key"))
+        limit = options.section.number(options.key("limit"), 0, 1, integer=True)
+        window = options.section.number(options.key("time_window"), 0, 1, integer=True)
+        if not limit:
+            raise options.error("limit", "is required (tokens per window)")
+        if not window:
+            raise options.error("time_window", "is required (seconds)")
+        strategy = options.section.choice(options.key("limit_strategy"), "total_tokens", STRATEGIES)
+        return TokenSettings(limit, window, strategy, parse_key(options))
+
+    def create(self, settings: TokenSettings, runtime: Any, scope: str) -> TokenFilter:
+        return TokenFilter(settings, runtime.counters, scope)

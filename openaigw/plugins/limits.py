@@ -1,0 +1,228 @@
+"""Request limits: limit-count (fixed window), limit-req (leaky bucket), limit-conn.
+
+Each counts per a key: the consumer (the default with key-auth), the client address,
+the route, or a request header.  On a ``[consumer:NAME]`` section a limit counts per
+consumer across all routes.  Rejections are 429s the OpenAI SDKs understand.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+from twisted.internet.task import deferLater
+from zope.interface import implementer
+
+from openaigw.config import PluginOptions
+from openaigw.errors import GatewayError
+from openaigw.exchange import Exchange
+from openaigw.interfaces import IPlugin, IRequestFilter
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+REQUEST_HEADERS = (b"X-RateLimit-Limit", b"X-RateLimit-Remaining", b"X-RateLimit-Reset")
+TOKEN_HEADERS = (
+    b"X-AI-RateLimit-Limit-Tokens", b"X-AI-RateLimit-Remaining-Tokens", b"X-AI-RateLimit-Reset-Tokens",
+)
+
+
+@dataclass(frozen=True)
+class LimitKey:
+    """What a limit counts per: consumer, remote_addr, route or header:NAME."""
+
+    kind: str
+    header: bytes = b""
+
+    def of(self, plugin: str, scope: str, exchange: Exchange) -> str:
+        """The counter name for ``exchange``: ``plugin/scope|what=value``, where scope
+        is ``route:NAME`` or ``consumer:NAME`` (whose counters are per consumer)."""
+        prefix = f"{plugin}/{scope}"
+        if self.kind == "route" or scope.startswith("consumer:"):
+            return prefix
+        if self.kind == "consumer" and exchange.consumer is not None:
+            return f"{prefix}|consumer={exchange.consumer}"
+        if self.kind == "header":
+            values = exchange.request.requestHeaders.getRawHeaders(self.header)
+            if values and values[0]:
+                return f"{prefix}|{self.header.decode()}={values[0].decode('latin-1')}"
+        return f"{prefix}|addr={exchange.client_address}"  # also when the header is missing
+
+
+def parse_key(options: PluginOptions) -> LimitKey:
+    value = options.get("key")
+    if options.scope == "consumer":
+        if value is not None:
+            raise options.error("key", "a consumer's limits always count per consumer")
+        return LimitKey("consumer")
+    key_auth = options.section.flag("key-auth", False)
+    if value is None:
+        return LimitKey("consumer" if key_auth else "remote_addr")
+    value = value.strip()
+    if value == "consumer":
+        if not key_auth:
+            raise options.error("key", "counting per consumer needs key-auth = on on the route")
+        return LimitKey("consumer")
+    if value in ("remote_addr", "route"):
+        return LimitKey(value)
+    if value.startswith("header:") and _HEADER_NAME.fullmatch(value[7:]):
+        return LimitKey("header", value[7:].lower().encode("ascii"))
+    raise options.error("key", f"{value!r} is not consumer, remote_addr, route or header:NAME")
+
+
+def check_options(options: PluginOptions, known: Tuple[str, ...]) -> None:
+    for option in options.options():
+        if option not in known:
+            raise options.error(option, f"unknown option (known: {', '.join(known)})")
+
+
+def report(exchange: Exchange, names: Tuple[bytes, bytes, bytes], limit: int, remaining: int,
+           reset: float) -> None:
+    """Set the limit headers, unless a limit with less remaining set them already."""
+    current = exchange.response_headers.get(names[1])
+    if current is None or remaining < int(current):
+        exchange.response_headers[names[0]] = b"%d" % limit
+        exchange.response_headers[names[1]] = b"%d" % remaining
+        exchange.response_headers[names[2]] = b"%d" % math.ceil(reset)
+
+
+def too_many(kind: str, what: str, retry_after: float) -> GatewayError:
+    """A 429 that OpenAI SDKs treat as RateLimitError and back off from."""
+    seconds = max(1, math.ceil(retry_after))
+    return GatewayError(
+        429,
+        f"Rate limit reached for {what}. Please try again in {seconds}s.",
+        kind,
+        "rate_limit_exceeded",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def label(scope: str) -> str:
+    return scope.replace(":", " ", 1)
+
+
+@dataclass(frozen=True)
+class CountSettings:
+    count: int
+    time_window: int
+    key: LimitKey
+
+
+@implementer(IRequestFilter)
+class CountFilter:
+    def __init__(self, settings: CountSettings, counters: Any, scope: str) -> None:
+        self._settings = settings
+        self._counters = counters
+        self._scope = scope
+
+    def filter_request(self, exchange: Exchange) -> None:
+        limit, window = self._settings.count, self._settings.time_window
+        used, reset = self._counters.add(self._settings.key.of("limit-count", self._scope, exchange), window, 1)
+        report(exchange, REQUEST_HEADERS, limit, max(0, limit - used), reset)
+        if used > limit:
+            raise too_many("requests", f"requests ({limit} per {window}s, {label(self._scope)})", reset)
+
+
+@implementer(IPlugin)
+class LimitCount:
+    name = "limit-count"
+    priority = 300
+    scopes = ("route", "consumer")
+
+    def parse(self, options: PluginOptions) -> CountSettings:
+        check_options(options, ("count", "time_window", "key"))
+        count = options.section.number(options.key("count"), 0, 1, integer=True)
+        window = options.section.number(options.key("time_window"), 0, 1, integer=True)
+        if not count:
+            raise options.error("count", "is required (requests per window)")
+        if not window:
+            raise options.error("time_window", "is required (seconds)")
+        return CountSettings(count, window, parse_key(options))
+
+    def create(self, settings: CountSettings, runtime: Any, scope: str) -> CountFilter:
+        return CountFilter(settings, runtime.counters, scope)
+
+
+@dataclass(frozen=True)
+class ReqSettings:
+    rate: float
+    burst: float
+    nodelay: bool
+    key: LimitKey
+
+
+@implementer(IRequestFilter)
+class ReqFilter:
+    def __init__(self, settings: ReqSettings, runtime: Any, scope: str) -> None:
+        self._settings = settings
+        self._buckets = runtime.buckets
+        self._clock = runtime.clock
+        self._scope = scope
+
+    def filter_request(self, exchange: Exchange) -> Optional[Any]:
+        s = self._settings
+        admitted, seconds = self._buckets.take(s.key.of("limit-req", self._scope, exchange), s.rate, s.burst)
+        if not admitted:
+            what = f"requests ({s.rate:g}/s, burst {s.burst:g}, {label(self._scope)})"
+            raise too_many("requests", what, seconds)
+        if seconds > 0 and not s.nodelay:
+            return deferLater(self._clock, seconds, lambda: None)  # cancelled if the client leaves
+        return None
+
+
+@implementer(IPlugin)
+class LimitReq:
+    name = "limit-req"
+    priority = 310
+    scopes = ("route", "consumer")
+
+    def parse(self, options: PluginOptions) -> ReqSettings:
+        check_options(options, ("rate", "burst", "nodelay", "key"))
+        rate = options.section.number(options.key("rate"), 0.0)
+        if rate <= 0:
+            raise options.error("rate", "is required and must be above 0 (requests per second)")
+        burst = options.section.number(options.key("burst"), 0.0)
+        nodelay = options.section.flag(options.key("nodelay"), False)
+        return ReqSettings(rate, burst, nodelay, parse_key(options))
+
+    def create(self, settings: ReqSettings, runtime: Any, scope: str) -> ReqFilter:
+        return ReqFilter(settings, runtime, scope)
+
+
+@dataclass(frozen=True)
+class ConnSettings:
+    conn: int
+    key: LimitKey
+
+
+@implementer(IRequestFilter)
+class ConnFilter:
+    def __init__(self, settings: ConnSettings, concurrency: Any, scope: str) -> None:
+        self._settings = settings
+        self._concurrency = concurrency
+        self._scope = scope
+
+    def filter_request(self, exchange: Exchange) -> None:
+        key = self._settings.key.of("limit-conn", self._scope, exchange)
+        if not self._concurrency.acquire(key, self._settings.conn):
+            what = f"concurrent requests ({self._settings.conn}, {label(self._scope)})"
+            raise too_many("requests", what, 1)
+        exchange.on_complete(lambda _: self._concurrency.release(key))
+
+
+@implementer(IPlugin)
+class LimitConn:
+    name = "limit-conn"
+    priority = 200
+    scopes = ("route", "consumer")
+
+    def parse(self, options: PluginOptions) -> ConnSettings:
+        check_options(options, ("conn", "key"))
+        conn = options.section.number(options.key("conn"), 0, 1, integer=True)
+        if not conn:
+            raise options.error("conn", "is required (concurrent requests)")
+        return ConnSettings(conn, parse_key(options))
+
+    def create(self, settings: ConnSettings, runtime: Any, scope: str) -> ConnFilter:
+        return ConnFilter(settings, runtime.concurrency, scope)

@@ -1,0 +1,175 @@
+"""Token usage: read from answers as they pass, or estimated when an answer is cut short."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from openaigw.sse import EventSplitter, event_data
+
+JSON_COPY_LIMIT = 16 << 20  # bytes of a JSON answer kept to read its usage
+_NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated: bool = False
+
+    def get(self, strategy: str) -> int:
+        """The count ai-rate-limiting charges: total_tokens, prompt_tokens or completion_tokens."""
+        return int(getattr(self, strategy))
+
+
+def ask_for_usage(body: Dict[str, Any]) -> bool:
+    """Make a streaming request ask for the usage chunk; True if it had not."""
+    if body.get("stream") is not True:
+        return False
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return False
+    body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return True
+
+
+def estimate_prompt_tokens(body: Any) -> int:
+    """About four characters a token, over the text of messages, prompt or input."""
+    if not isinstance(body, dict):
+        return 0
+    chars = 0
+    count = 0
+
+    def walk(value: Any) -> None:
+        nonlocal chars
+        if isinstance(value, str):
+            chars += len(value)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for key in ("content", "text", "input", "prompt"):
+                if key in value:
+                    walk(value[key])
+
+    for key in ("messages", "prompt", "input"):
+        if key in body:
+            walk(body[key])
+            count += len(body[key]) if isinstance(body[key], list) and key == "messages" else 0
+    return chars // 4 + 4 * count
+
+
+def _parse_usage(value: Any) -> Optional[Usage]:
+    if not isinstance(value, dict):
+        return None
+    prompt = value.get("prompt_tokens", value.get("input_tokens"))
+    completion = value.get("completion_tokens", value.get("output_tokens", 0))
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    total = value.get("total_tokens")
+    return Usage(prompt, completion, total if isinstance(total, int) else prompt + completion)
+
+
+class UsageMeter:
+    """Watches one response body for its ``usage``, without holding a stream.
+
+    Event streams are cut into events to find the usage chunk (and, with
+    ``strip_usage``, to keep it, and the ``"usage": null`` fields the request did not
+    ask for, from the client).  JSON answers are copied, up to a bound, and read at
+    the end.  Compressed bodies (gzip, deflate) are inspected through a decoded copy
+    and relayed untouched.
+    """
+
+    def __init__(
+        self,
+        content_type: bytes,
+        content_encoding: bytes,
+        strip_usage: bool,
+        prompt_estimate: int,
+    ) -> None:
+        media = content_type.split(b";", 1)[0].strip().lower()
+        self._sse = media == b"text/event-stream"
+        self._json = media == b"application/json" or media.endswith(b"+json")
+        encoding = content_encoding.strip().lower()
+        self._decoder: Any = None
+        if encoding in (b"gzip", b"x-gzip", b"deflate"):
+            self._decoder = zlib.decompressobj(47)  # gzip or zlib header, detected
+        elif encoding not in (b"", b"identity"):
+            self._sse = self._json = False  # cannot read it: estimate
+        self._strip = strip_usage and self._sse and self._decoder is None
+        self._splitter = EventSplitter()
+        self._copy: List[bytes] = []
+        self._copied = 0
+        self._events = 0
+        self._bytes = 0
+        self._found: Optional[Usage] = None
+        self._complete = False
+        self._prompt_estimate = prompt_estimate
+
+    def feed(self, data: bytes) -> bytes:
+        """Observe ``data``; return the bytes to relay to the client."""
+        self._bytes += len(data)
+        plain = data
+        if self._decoder is not None:
+            try:
+                plain = self._decoder.decompress(data)
+            except zlib.error:
+                self._decoder = None
+                self._sse = self._json = False
+                return data
+        if self._sse:
+            events = self._splitter.feed(plain)
+            if self._strip:
+                return b"".join(self._sse_event(event) for event in events)
+            for event in events:
+                self._sse_event(event)
+        elif self._json and self._copied <= JSON_COPY_LIMIT:
+            self._copy.append(plain)
+            self._copied += len(plain)
+        return data
+
+    def _sse_event(self, event: bytes) -> bytes:
+        if b'"usage"' not in event:
+            self._events += 1
+            return event
+        if b'"usage":{' in event or b'"usage": {' in event:
+            data = event_data(event)
+            try:
+                chunk = json.loads(data) if data else None
+            except ValueError:
+                chunk = None
+            usage = _parse_usage(chunk.get("usage")) if isinstance(chunk, dict) else None
+            if usage is not None:
+                self._found = usage
+                if self._strip and not chunk.get("choices"):
+                    return b""  # the chunk the gateway asked for, not the client
+        else:
+            self._events += 1
+        if self._strip:
+            for null in _NULL_USAGE:
+                event = event.replace(null, b"")
+        return event
+
+    def finish(self, complete: bool) -> bytes:
+        """The body ended (``complete``: cleanly); return any bytes still to relay."""
+        self._complete = complete
+        if self._json and self._copied <= JSON_COPY_LIMIT and complete:
+            try:
+                answer = json.loads(b"".join(self._copy))
+            except ValueError:
+                answer = None
+            if isinstance(answer, dict):
+                self._found = _parse_usage(answer.get("usage"))
+        self._copy = []
+        return self._splitter.rest() if self._strip and complete else b""
+
+    def usage(self) -> Usage:
+        """The upstream's own count, or an estimate flagged as such."""
+        if self._found is not None:
+            return self._found
+        completion = self._events if self._sse else self._bytes // 4
+        prompt = self._prompt_estimate
+        return Usage(prompt, completion, prompt + completion, estimated=True)
