@@ -12,12 +12,7 @@ try:
 except ImportError:  # older openai SDKs use httpx
     import httpx
 
-from openaigw.testing import make_test_ca, start_fake_upstream, stop_process
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_test_ca(tmp_path_factory.mktemp("pki"))
+from openaigw.testing import start_fake_upstream, stop_process
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import pytest
 
 from openaigw.testing import (
     free_port,
-    make_test_ca,
     start_fake_upstream,
     start_gateway,
     stop_process,
@@ -25,11 +24,6 @@ from openaigw.testing import (
 KEY = "sk-real-0123456789-canary"
 CLIENT_KEY = "sk-client-must-not-leak"
 MESSAGES = [{"role": "user", "content": "hello there"}]
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_test_ca(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
