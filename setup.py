@@ -16,5 +16,6 @@ setup(
         "pyOpenSSL>=23.0",
         "service-identity>=18.1",
         "zope.interface>=5.5",
+        "prometheus-client>=0.16",
     ],
 )

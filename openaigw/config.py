@@ -49,6 +49,10 @@ class GatewayConfig:
 
     listen: Tuple[str, ...] = (DEFAULT_LISTEN,)
     max_body_size: int = 10 << 20
+    access_log: Optional[str] = "-"  # None: off
+    access_log_format: str = "json"
+    status: Tuple[str, ...] = ()  # the /metrics, /healthz, /readyz listener(s)
+    metrics_max_models: int = 50
 
 
 @dataclass(frozen=True)
@@ -306,18 +310,36 @@ def _known(section: Section, keys: Tuple[str, ...]) -> None:
 
 
 def _gateway(section: Section) -> GatewayConfig:
-    _known(section, ("listen", "max_body_size"))
+    _known(
+        section,
+        ("listen", "max_body_size", "access_log", "access_log_format", "status", "metrics_max_models"),
+    )
     listen = tuple((section.get("listen") or DEFAULT_LISTEN).split())
     if not listen:
         raise section.error("listen", "needs at least one endpoint description")
     for description in listen:
-        _check_endpoint(section, description)
+        _check_endpoint(section, "listen", description)
+    status = tuple((section.get("status") or "").split())
+    for description in status:
+        _check_endpoint(section, "status", description)
+    access_log: Optional[str] = (section.get("access_log") or "-").strip()
+    if access_log == "off":
+        access_log = None
+    elif access_log != "-":
+        access_log = os.path.abspath(access_log)
+        if not os.path.isdir(os.path.dirname(access_log)):
+            raise section.error("access_log", f"no directory {os.path.dirname(access_log)}")
     return GatewayConfig(
-        listen=listen, max_body_size=section.size("max_body_size", GatewayConfig.max_body_size)
+        listen=listen,
+        max_body_size=section.size("max_body_size", GatewayConfig.max_body_size),
+        access_log=access_log,
+        access_log_format=section.choice("access_log_format", "json", ("json", "text")),
+        status=status,
+        metrics_max_models=section.number("metrics_max_models", 50, integer=True),
     )
 
 
-def _check_endpoint(section: Section, description: str) -> None:
+def _check_endpoint(section: Section, key: str, description: str) -> None:
     """Parse a server endpoint description without listening on it."""
     from twisted.internet.endpoints import serverFromString
     from twisted.internet.testing import MemoryReactor
@@ -325,14 +347,12 @@ def _check_endpoint(section: Section, description: str) -> None:
     if description.startswith("systemd:"):
         # Parsing it would look up the inherited sockets, which exist only under systemd.
         if not re.fullmatch(r"systemd:domain=(INET|INET6|UNIX):index=\d+", description):
-            raise section.error(
-                "listen", f"{description!r}: expected systemd:domain=INET:index=N"
-            )
+            raise section.error(key, f"{description!r}: expected systemd:domain=INET:index=N")
         return
     try:
         serverFromString(MemoryReactor(), description)
     except Exception as e:  # the parsers raise whatever they meet
-        raise section.error("listen", f"{description!r}: {e}") from None
+        raise section.error(key, f"{description!r}: {e}") from None
 
 
 def _nodes(section: Section, scheme: str) -> Tuple[Node, ...]:

@@ -19,6 +19,8 @@ class GatewayError(Exception):
         code: Optional[str] = None,
         param: Optional[str] = None,
         headers: Optional[Mapping[str, str]] = None,
+        reason: Optional[str] = None,
+        limit: Optional[str] = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -27,6 +29,8 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.headers = dict(headers or {})
+        self.reason = reason or code or type  # for the access log and metrics
+        self.limit = limit  # the limit plugin that rejected the request
 
     def body(self) -> bytes:
         """``{"error": {"message", "type", "param", "code"}}`` as bytes."""
@@ -36,6 +40,10 @@ class GatewayError(Exception):
 
 def write_error(request: Request, error: GatewayError) -> None:
     """Send ``error`` as the whole response and finish the request."""
+    record = getattr(request, "access", None)
+    if record is not None:
+        record.error = error.reason
+        record.limit = error.limit
     body = error.body()
     request.setResponseCode(error.status)
     headers = request.responseHeaders
@@ -73,9 +81,9 @@ def body_too_large(limit: int) -> GatewayError:
     )
 
 
-def bad_gateway(message: str) -> GatewayError:
-    return GatewayError(502, message, "upstream_error", "bad_gateway")
+def bad_gateway(message: str, reason: str) -> GatewayError:
+    return GatewayError(502, message, "upstream_error", "bad_gateway", reason=f"upstream_{reason}")
 
 
 def gateway_timeout(message: str) -> GatewayError:
-    return GatewayError(504, message, "upstream_error", "gateway_timeout")
+    return GatewayError(504, message, "upstream_error", "gateway_timeout", reason="upstream_timeout")

@@ -38,6 +38,8 @@ class Exchange:
     meter_usage: bool = False
     strip_usage: bool = False
     meter: Optional[UsageMeter] = None
+    node: Optional[str] = None  # the upstream node (last) tried
+    retries: int = 0
     _json: Any = _UNPARSED
     _on_complete: List[Callable[["Exchange"], None]] = field(default_factory=list)
 

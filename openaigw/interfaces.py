@@ -87,3 +87,10 @@ class IConcurrency(Interface):
 
     def release(key):  # type: ignore[no-untyped-def]
         """Give back a slot taken by ``acquire``."""
+
+
+class IRequestObserver(Interface):
+    """Told about every finished request (the access log, the metrics)."""
+
+    def request_finished(record):  # type: ignore[no-untyped-def]
+        """``record`` is the request's :class:`openaigw.accesslog.AccessRecord`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, List, Optional, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -20,8 +21,17 @@ from openaigw.exchange import Exchange, ResponseHead
 from openaigw.filters import run_filters
 from openaigw.headers import request_headers, response_headers
 from openaigw.interfaces import IRequestFilter, IResponseFilter
+from openaigw.telemetry import Telemetry
 from openaigw.upstream import Upstream
 from openaigw.usage import UsageMeter, estimate_prompt_tokens
+
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,100})"')
+
+
+def _model(exchange: Exchange) -> Optional[str]:
+    """The request's model, for logs and metrics: a cheap look at the body's start."""
+    match = _MODEL.search(exchange.body, 0, 4096)
+    return match.group(1).decode("utf-8", "replace") if match else None
 
 log = Logger()
 
@@ -45,12 +55,18 @@ class BodyRelay(Protocol):
     """
 
     def __init__(
-        self, request: IRequest, clock: Any, timeout: float, meter: Optional[UsageMeter] = None
+        self,
+        request: IRequest,
+        clock: Any,
+        timeout: float,
+        meter: Optional[UsageMeter] = None,
+        on_cut: Any = None,
     ) -> None:
         self._request = request
         self._clock = clock
         self._timeout = timeout
         self._meter = meter
+        self._on_cut = on_cut
         self._timer: Any = None
         self._timed_out = False
         self.done: "Deferred[None]" = Deferred(self._cancel)
@@ -84,6 +100,8 @@ class BodyRelay(Protocol):
             else:
                 why = "timeout" if self._timed_out else reason.getErrorMessage()
                 log.warn("upstream body cut short ({why}): aborting the client connection", why=why)
+                if self._on_cut is not None:
+                    self._on_cut("upstream_read_timeout" if self._timed_out else "upstream_body_cut")
                 abort_client(request)
         self.done.callback(None)
 
@@ -116,12 +134,18 @@ class RouteResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, name: str, upstream: Upstream, filters: Sequence[Any], clock: Any
+        self,
+        name: str,
+        upstream: Upstream,
+        filters: Sequence[Any],
+        clock: Any,
+        telemetry: Optional[Telemetry] = None,
     ) -> None:
         super().__init__()
         self.name = name
         self._upstream = upstream
         self._clock = clock
+        self._telemetry = telemetry or Telemetry()
         self._request_filters: List[Any] = [f for f in filters if IRequestFilter.providedBy(f)]
         self._response_filters: List[Any] = [f for f in filters if IResponseFilter.providedBy(f)]
 
@@ -135,13 +159,31 @@ class RouteResource(Resource):
             headers=request_headers(request, scheme),
             body=request.content.read() if request.content is not None else b"",
         )
+        record = getattr(request, "access", None)
+        if record is not None:
+            request.routed = True
+            record.route = self.name
+            record.upstream = self._upstream.config.name
+            record.model = _model(exchange)
+            exchange.headers.setRawHeaders(b"x-request-id", [record.request_id.encode("ascii")])
         handling = Deferred.fromCoroutine(self._proxy(exchange))
         # A client that leaves cancels whatever is being awaited: a limit's delay,
         # connecting, waiting for headers or relaying the body.
         request.notifyFinish().addErrback(lambda _: handling.cancel())
         handling.addErrback(self._failed, exchange)
-        handling.addBoth(lambda _: exchange.complete())
+        handling.addBoth(lambda _: self._done(exchange))
         return NOT_DONE_YET
+
+    def _done(self, exchange: Exchange) -> None:
+        exchange.complete()
+        request = exchange.request
+        record = getattr(request, "access", None)
+        if record is not None:
+            record.consumer = exchange.consumer
+            record.upstream_node = exchange.node
+            record.retries = exchange.retries
+            record.usage = exchange.usage
+            request.report()
 
     async def _proxy(self, exchange: Exchange) -> None:
         try:
@@ -163,10 +205,20 @@ class RouteResource(Resource):
             head.headers.setRawHeaders(name, [value])
         request = exchange.request
         request.setResponseCode(head.code, head.phrase)
+        ours = request.responseHeaders.getRawHeaders(b"x-request-id")
+        theirs = head.headers.getRawHeaders(b"x-request-id")
+        if ours:  # the upstream's own id passes through; ours goes beside it
+            head.headers.setRawHeaders(b"x-gateway-request-id" if theirs else b"x-request-id", ours)
         request.responseHeaders = head.headers
         content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
-        if content_type.lower().startswith(b"text/event-stream"):
+        streamed = content_type.lower().startswith(b"text/event-stream")
+        if streamed:
             head.headers.setRawHeaders(b"x-accel-buffering", [b"no"])
+        record = getattr(request, "access", None)
+        if record is not None:
+            record.upstream_status = response.code
+            record.upstream_request_id = theirs[0].decode("latin-1")[:128] if theirs else None
+            record.streamed = streamed
         meter = None
         if exchange.meter_usage and 200 <= head.code < 300:
             encoding = head.headers.getRawHeaders(b"content-encoding", [b""])[0]
@@ -178,9 +230,27 @@ class RouteResource(Resource):
             head.headers.setRawHeaders(b"content-length", [b"%d" % response.length])
         else:
             request.write(b"")  # a stream: the client gets the headers now, not with the first event
-        relay = BodyRelay(request, self._clock, self._upstream.config.timeout_read, meter)
+        relay = BodyRelay(
+            request, self._clock, self._upstream.config.timeout_read, meter, self._cut(exchange)
+        )
         response.deliverBody(relay)
-        await relay.done
+        if not streamed:
+            await relay.done
+            return
+        self._telemetry.stream_opened(self.name)
+        try:
+            await relay.done
+        finally:
+            self._telemetry.stream_closed(self.name)
+
+    def _cut(self, exchange: Exchange) -> Any:
+        def cut(reason: str) -> None:
+            record = getattr(exchange.request, "access", None)
+            if record is not None:
+                record.error = reason
+            self._telemetry.upstream_failed(self._upstream.config.name, exchange.node or "", reason)
+
+        return cut
 
     def _failed(self, failure: Failure, exchange: Exchange) -> None:
         request = exchange.request

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from typing import Any, Optional
 
 from twisted.web.http import HTTPChannel
@@ -9,8 +11,11 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from openaigw import errors
+from openaigw.accesslog import AccessRecord
+from openaigw.telemetry import Telemetry
 
 _DISCARD_SECONDS = 1.0
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class GatewayChannel(HTTPChannel):
@@ -24,21 +29,36 @@ class GatewayChannel(HTTPChannel):
             pass  # not a TCP connection (UNIX socket)
 
 
+def request_id(headers: Any) -> bytes:
+    """The client's ``X-Request-Id`` if it is sane, else a new one."""
+    given = headers.getRawHeaders(b"x-request-id")
+    if given and _REQUEST_ID.fullmatch(given[0]):
+        return given[0]
+    return uuid.uuid4().hex.encode("ascii")
+
+
 class GatewayRequest(Request):
-    """A request that enforces the body size limit while the body arrives.
+    """A request that enforces the body size limit and reports when it is over.
 
     A body over the limit gets its 413 at once, before it is read; the rest is read
     and discarded briefly so that closing does not reset the connection under the
-    answer.
+    answer.  ``access`` gathers what the access log and metrics report; a route
+    fills it in and reports itself (``routed``), other answers report on finish.
     """
 
     defaultContentType = None
     _rejected = False
     _received = 0
+    routed = False
+    _reported = False
+    access: AccessRecord
+    _site: "GatewaySite"
 
     def gotLength(self, length: Optional[int]) -> None:
+        site = self._site = self.channel.site
+        self.access = AccessRecord(started=site.clock.seconds())
         super().gotLength(length)
-        if length is not None and length > self.channel.site.max_body_size:
+        if length is not None and length > site.max_body_size:
             self._reject()
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -56,6 +76,43 @@ class GatewayRequest(Request):
             return
         super().requestReceived(command, path, version)
 
+    def process(self) -> None:
+        record = self.access
+        record.request_id = request_id(self.requestHeaders).decode("ascii")
+        record.method = self.method.decode("ascii", "replace")
+        record.path = self.path.decode("utf-8", "replace")  # never the query string
+        record.client = getattr(self.getClientAddress(), "host", "") or ""
+        record.bytes_in = self._received
+        self.responseHeaders.setRawHeaders(b"x-request-id", [record.request_id.encode("ascii")])
+        super().process()
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            self.access.ttfb = self.channel.site.clock.seconds() - self.access.started
+        super().write(data)
+
+    def finish(self) -> None:
+        super().finish()
+        if not self.routed:
+            self.report()
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        if not self.routed and not self.finished:
+            self.report()
+
+    def report(self) -> None:
+        """Tell the access log and metrics about this request, once: 499 if the client
+        left before the answer ended (and the gateway did not cut it)."""
+        record = getattr(self, "access", None)
+        if self._reported or record is None:  # None: the request line came, no headers
+            return
+        self._reported = True
+        record.status = self.code if self.finished or record.error else 499
+        record.bytes_out = self.sentLength
+        record.duration = self._site.clock.seconds() - record.started
+        self._site.telemetry.request_finished(record)
+
     def _reject(self) -> None:
         self._rejected = True
         self.requestHeaders.removeHeader(b"expect")  # no 100 Continue after the 413
@@ -70,6 +127,18 @@ class GatewayRequest(Request):
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
         )
         site.clock.callLater(_DISCARD_SECONDS, transport.loseConnection)
+        record = self.access
+        record.request_id = request_id(self.requestHeaders).decode("ascii")
+        # The request line is known to the channel only, as yet (private, but stable).
+        record.method = getattr(self.channel, "_command", b"").decode("ascii", "replace")
+        record.path = getattr(self.channel, "_path", b"").split(b"?")[0].decode("utf-8", "replace")
+        record.client = getattr(self.getClientAddress(), "host", "") or ""
+        record.bytes_in = self._received
+        record.status, record.error = 413, error.reason
+        self.routed = True  # reported here, whatever happens next
+        self._reported = True
+        record.duration = site.clock.seconds() - record.started
+        site.telemetry.request_finished(record)
 
 
 class GatewaySite(Site):
@@ -80,10 +149,13 @@ class GatewaySite(Site):
     displayTracebacks = False
     noisy = False
 
-    def __init__(self, resource: IResource, clock: Any, max_body_size: int) -> None:
+    def __init__(
+        self, resource: IResource, clock: Any, max_body_size: int, telemetry: Optional[Telemetry] = None
+    ) -> None:
         super().__init__(resource)
         self.clock = clock
         self.max_body_size = max_body_size
+        self.telemetry = telemetry or Telemetry()
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)

@@ -32,6 +32,7 @@ from openaigw import errors
 from openaigw.balancer import RoundRobin
 from openaigw.config import Node, UpstreamConfig
 from openaigw.exchange import Exchange
+from openaigw.telemetry import Telemetry
 
 log = Logger()
 
@@ -207,9 +208,10 @@ def _cancelled(failure_or_error: Any) -> bool:
 class Upstream:
     """One ``[upstream:NAME]``: its connection pool, balancer and request policy."""
 
-    def __init__(self, reactor: Any, config: UpstreamConfig) -> None:
+    def __init__(self, reactor: Any, config: UpstreamConfig, telemetry: Optional[Telemetry] = None) -> None:
         self.config = config
         self._reactor = reactor
+        self._telemetry = telemetry or Telemetry()
         self._balancer = RoundRobin(config.nodes)
         self._index = {node: index for index, node in enumerate(config.nodes)}
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -248,9 +250,11 @@ class Upstream:
         node = self._balancer.pick()
         while True:
             assert node is not None
+            exchange.node = node.address
             try:
                 return await self._attempt(node, exchange), node
-            except errors.GatewayError:
+            except errors.GatewayError as e:
+                self._telemetry.upstream_failed(self.config.name, node.address, e.reason)
                 raise
             except (ResponseNeverReceived, RequestTransmissionFailed) as e:
                 if _cancelled(e):
@@ -259,10 +263,12 @@ class Upstream:
                     "upstream {upstream} node {node}: connection lost before the response: {reason}",
                     upstream=self.config.name, node=node.address, reason=_describe(e),
                 )
+                failure = errors.bad_gateway("The upstream server closed the connection", "closed")
+                self._telemetry.upstream_failed(self.config.name, node.address, failure.reason)
                 if stale_retry:
                     stale_retry = False
+                    exchange.retries += 1
                     continue  # same node, new connection
-                failure = errors.bad_gateway("The upstream server closed the connection")
             except CancelledError:
                 raise
             except Exception as e:
@@ -271,6 +277,7 @@ class Upstream:
                     upstream=self.config.name, node=node.address, reason=_describe(e),
                 )
                 failure = _connect_error(e)
+                self._telemetry.upstream_failed(self.config.name, node.address, failure.reason)
             tried.add(node)
             if retries_left <= 0:
                 raise failure
@@ -278,6 +285,7 @@ class Upstream:
             node = self._balancer.pick(tried)
             if node is None:
                 raise failure
+            exchange.retries += 1
 
     async def _attempt(self, node: Node, exchange: Exchange) -> IResponse:
         headers = exchange.headers
@@ -338,7 +346,9 @@ def _connect_error(error: BaseException) -> errors.GatewayError:
     """The client-facing error for a failed connection (details go to the log)."""
     name = type(error).__module__ + "." + type(error).__name__
     if "OpenSSL" in name or "service_identity" in name or "VerificationError" in name:
-        return errors.bad_gateway("TLS verification of the upstream server failed")
-    if isinstance(error, ConnectTimeout) or isinstance(error, neterror.TimeoutError):
-        return errors.bad_gateway("Connecting to the upstream server timed out")
-    return errors.bad_gateway("The upstream server could not be reached")
+        return errors.bad_gateway("TLS verification of the upstream server failed", "tls")
+    if isinstance(error, (ConnectTimeout, neterror.TimeoutError)):
+        return errors.bad_gateway("Connecting to the upstream server timed out", "connect_timeout")
+    if isinstance(error, neterror.DNSLookupError):
+        return errors.bad_gateway("The upstream server could not be reached", "dns")
+    return errors.bad_gateway("The upstream server could not be reached", "connect")

@@ -7,7 +7,10 @@ from typing import Any, List, Optional, Tuple
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+from openaigw.accesslog import AccessRecord
 from openaigw.config import parse
+from openaigw.metrics import Metrics
+from openaigw.telemetry import Telemetry
 from openaigw.runtime import Runtime
 from openaigw.service import build_site
 
@@ -54,14 +57,28 @@ class UpstreamConnection:
         self.protocol.dataReceived(data)
 
 
+class _Recorder:
+    """An access log that keeps the records."""
+
+    def __init__(self, records: List[AccessRecord]) -> None:
+        self.records = records
+
+    def request_finished(self, record: AccessRecord) -> None:
+        self.records.append(record)
+
+
 class Gateway:
     """Drive the gateway built from ``config`` entirely in memory."""
 
-    def __init__(self, config: str = BASE_CONFIG, environ: Optional[dict] = None) -> None:
+    def __init__(self, config: str = BASE_CONFIG, environ: Optional[dict] = None, metrics: bool = False) -> None:
         self.reactor = MemoryReactorClock()
         self.config = parse(config, "gw.ini", environ if environ is not None else {"KEY": "sk-real"})
         self.runtime = Runtime.memory(self.reactor)
-        self.site, self.upstreams = build_site(self.config, self.reactor, self.runtime)
+        self.records: List[AccessRecord] = []
+        self.metrics = Metrics(model_cap=2) if metrics else None
+        self.telemetry = Telemetry(metrics=self.metrics)
+        self.telemetry.access_log = _Recorder(self.records)  # type: ignore[assignment]
+        self.site, self.upstreams = build_site(self.config, self.reactor, self.runtime, self.telemetry)
         self._connections: dict = {}
 
     def client(self, data: bytes = b"") -> Tuple[Any, StringTransport]:

@@ -46,7 +46,7 @@ class TokenFilter:
         report(exchange, TOKEN_HEADERS, s.limit, max(0, s.limit - used), reset)
         if used >= s.limit:
             what = f"tokens ({s.limit} {s.strategy} per {s.time_window}s, {label(self._scope)})"
-            raise too_many("tokens", what, reset)
+            raise too_many("tokens", what, reset, "ai-rate-limiting")
         exchange.meter_usage = True
         # Usage is read from the bytes as they pass: ask for them uncompressed.
         exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])

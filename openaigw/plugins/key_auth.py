@@ -17,7 +17,7 @@ from openaigw.interfaces import IPlugin, IRequestFilter
 def invalid_key(message: str) -> GatewayError:
     return GatewayError(
         401, message, "invalid_request_error", "invalid_api_key",
-        headers={"WWW-Authenticate": 'Bearer realm="openaigw"'},
+        headers={"WWW-Authenticate": 'Bearer realm="openaigw"'}, reason="key-auth",
     )
 
 

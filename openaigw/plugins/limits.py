@@ -86,7 +86,7 @@ def report(exchange: Exchange, names: Tuple[bytes, bytes, bytes], limit: int, re
         exchange.response_headers[names[2]] = b"%d" % math.ceil(reset)
 
 
-def too_many(kind: str, what: str, retry_after: float) -> GatewayError:
+def too_many(kind: str, what: str, retry_after: float, limit: str) -> GatewayError:
     """A 429 that OpenAI SDKs treat as RateLimitError and back off from."""
     seconds = max(1, math.ceil(retry_after))
     return GatewayError(
@@ -95,6 +95,7 @@ def too_many(kind: str, what: str, retry_after: float) -> GatewayError:
         kind,
         "rate_limit_exceeded",
         headers={"Retry-After": str(seconds)},
+        limit=limit,
     )
 
 
@@ -121,7 +122,8 @@ class CountFilter:
         used, reset = self._counters.add(self._settings.key.of("limit-count", self._scope, exchange), window, 1)
         report(exchange, REQUEST_HEADERS, limit, max(0, limit - used), reset)
         if used > limit:
-            raise too_many("requests", f"requests ({limit} per {window}s, {label(self._scope)})", reset)
+            what = f"requests ({limit} per {window}s, {label(self._scope)})"
+            raise too_many("requests", what, reset, "limit-count")
 
 
 @implementer(IPlugin)
@@ -165,7 +167,7 @@ class ReqFilter:
         admitted, seconds = self._buckets.take(s.key.of("limit-req", self._scope, exchange), s.rate, s.burst)
         if not admitted:
             what = f"requests ({s.rate:g}/s, burst {s.burst:g}, {label(self._scope)})"
-            raise too_many("requests", what, seconds)
+            raise too_many("requests", what, seconds, "limit-req")
         if seconds > 0 and not s.nodelay:
             return deferLater(self._clock, seconds, lambda: None)  # cancelled if the client leaves
         return None
@@ -207,7 +209,7 @@ class ConnFilter:
         key = self._settings.key.of("limit-conn", self._scope, exchange)
         if not self._concurrency.acquire(key, self._settings.conn):
             what = f"concurrent requests ({self._settings.conn}, {label(self._scope)})"
-            raise too_many("requests", what, 1)
+            raise too_many("requests", what, 1, "limit-conn")
         exchange.on_complete(lambda _: self._concurrency.release(key))
 
 

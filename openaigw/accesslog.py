@@ -1,0 +1,137 @@
+"""The access log: one line per finished request, JSON (default) or logfmt text.
+
+Lines go through a ``twisted.logger`` Logger of their own (namespace
+``openaigw.access``) to a file or stdout, reopened on SIGHUP for logrotate.  They
+never hold keys, Authorization values, query strings or message bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, IO, Optional
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from openaigw.interfaces import IRequestObserver
+from openaigw.usage import Usage
+
+
+@dataclass
+class AccessRecord:
+    """What the access log and the metrics learn about one request."""
+
+    started: float
+    request_id: str = ""
+    client: str = ""
+    method: str = ""
+    path: str = ""
+    status: int = 0
+    consumer: Optional[str] = None
+    route: Optional[str] = None
+    upstream: Optional[str] = None
+    upstream_node: Optional[str] = None
+    upstream_status: Optional[int] = None
+    upstream_request_id: Optional[str] = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    duration: float = 0.0
+    ttfb: Optional[float] = None
+    streamed: bool = False
+    model: Optional[str] = None
+    usage: Optional[Usage] = None
+    retries: int = 0
+    error: Optional[str] = None  # why the gateway answered itself, or cut the answer
+    limit: Optional[str] = None  # the limit that rejected the request
+
+    def fields(self) -> Dict[str, Any]:
+        usage = self.usage
+        return {
+            "time": _iso(time.time()),
+            "request_id": self.request_id,
+            "upstream_request_id": self.upstream_request_id,
+            "client": self.client,
+            "consumer": self.consumer,
+            "route": self.route,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "upstream": self.upstream,
+            "upstream_node": self.upstream_node,
+            "upstream_status": self.upstream_status,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "duration_ms": round(self.duration * 1000, 3),
+            "ttfb_ms": None if self.ttfb is None else round(self.ttfb * 1000, 3),
+            "streamed": self.streamed,
+            "model": self.model,
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "total_tokens": usage.total_tokens if usage else None,
+            "tokens_estimated": usage.estimated if usage else None,
+            "retries": self.retries,
+            "error": self.error,
+            "limit": self.limit,
+        }
+
+
+def _iso(when: float) -> str:
+    seconds = int(when)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((when - seconds) * 1000):03d}Z"
+
+
+def _logfmt(value: Any) -> str:
+    if value is None:
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text)
+    return text
+
+
+@implementer(IRequestObserver)
+class AccessLog:
+    """Writes one line per finished request to ``path`` (``-``: stdout)."""
+
+    def __init__(self, path: str = "-", format: str = "json") -> None:
+        self.path = path
+        self._format = format
+        self._file: Optional[IO[str]] = None
+        self._log = Logger(namespace="openaigw.access", observer=self._write)
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Close and open the file again (after logrotate moved it)."""
+        if self.path == "-":
+            self._file = sys.stdout
+            return
+        old, self._file = self._file, open(self.path, "a", encoding="utf-8", buffering=1)
+        if old is not None:
+            old.close()
+
+    def close(self) -> None:
+        if self._file is not None and self._file is not sys.stdout:
+            self._file.close()
+        self._file = None
+
+    def request_finished(self, record: AccessRecord) -> None:
+        self._log.info("{method} {path} {status}", **record.fields())
+
+    def _write(self, event: Dict[str, Any]) -> None:
+        fields = {key: event[key] for key in _KEYS}
+        if self._format == "json":
+            line = json.dumps(fields, separators=(",", ":"))
+        else:
+            line = " ".join(f"{key}={_logfmt(value)}" for key, value in fields.items())
+        if self._file is not None:
+            self._file.write(line + "\n")
+            if self._file is sys.stdout:
+                self._file.flush()
+
+
+_KEYS = tuple(AccessRecord(0.0).fields())

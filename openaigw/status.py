@@ -1,0 +1,55 @@
+"""The status listener: /metrics (Prometheus), /healthz and /readyz."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.web.resource import Resource
+
+from openaigw.metrics import Metrics
+
+
+class _Health(Resource):
+    isLeaf = True
+
+    def __init__(self, service: Any, readiness: bool) -> None:
+        super().__init__()
+        self._service = service
+        self._readiness = readiness
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if self._readiness and not self._service.ready:
+            request.setResponseCode(503)
+            return b"not ready\n"
+        return b"ok\n"
+
+    render_HEAD = render_GET
+
+
+class _Metrics(Resource):
+    """The Prometheus text format, rendered in the reactor thread (it takes microseconds)."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._registry = metrics.registry
+
+    def render_GET(self, request: Any) -> bytes:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._registry)  # type: ignore[no-any-return]
+
+
+def status_resource(service: Any, metrics: Optional[Metrics]) -> Resource:
+    """``/healthz``: the process answers; ``/readyz``: 200 while ``service.ready``
+    (configuration loaded, listeners up, not draining), else 503; ``/metrics``."""
+    root = Resource()
+    root.putChild(b"healthz", _Health(service, readiness=False))
+    root.putChild(b"readyz", _Health(service, readiness=True))
+    if metrics is not None:
+        root.putChild(b"metrics", _Metrics(metrics))
+    return root

@@ -1,0 +1,152 @@
+"""Access records, request ids, the access log file and metrics, in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from openaigw.accesslog import AccessLog, AccessRecord
+from openaigw.interfaces import IRequestObserver
+from openaigw.metrics import Metrics
+from openaigw.usage import Usage
+
+from tests.memory import Gateway, post, response
+
+CHAT = b"/v1/chat/completions"
+BODY = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "secret prompt"}]}'
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def header(raw: bytes, name: bytes) -> bytes:
+    for line in raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        key, _, value = line.partition(b": ")
+        if key.lower() == name:
+            return value
+    return b""
+
+
+def test_observers_provide_interface(tmp_path):
+    """The access log and the metrics are request observers."""
+    assert verifyObject(IRequestObserver, AccessLog(str(tmp_path / "a.log")))
+    assert verifyObject(IRequestObserver, Metrics())
+
+
+def test_record_of_a_proxied_request():
+    """A finished request is reported once with route, node, status, sizes, timings and model."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY, b"Authorization: Bearer sk-client\r\n"))
+    gw.reactor.advance(0.25)
+    gw.upstream().send(response(headers=b"x-request-id: req_up\r\n", body=b'{"ok": true}'))
+    (record,) = gw.records
+    assert (record.route, record.upstream, record.upstream_node) == ("chat", "up", "10.0.0.1:8080")
+    assert (record.method, record.path, record.status, record.upstream_status) == ("POST", CHAT.decode(), 200, 200)
+    assert record.client == "192.0.2.7"
+    assert record.bytes_in == len(BODY) and record.bytes_out == len(b'{"ok": true}')
+    assert record.duration == 0.25 and record.ttfb == 0.25
+    assert record.model == "gpt-4o-mini" and not record.streamed and record.error is None
+    assert record.upstream_request_id == "req_up"
+    # the upstream's request id passes through; the gateway's goes beside it
+    assert header(client.value(), b"x-request-id") == b"req_up"
+    assert header(client.value(), b"x-gateway-request-id").decode() == record.request_id
+    assert b"sk-client" not in json.dumps(record.fields()).encode()
+
+
+def test_request_ids():
+    """A sane incoming X-Request-Id is kept and sent upstream; others are replaced."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY, b"X-Request-Id: abc-123\r\n"))
+    assert b"X-Request-Id: abc-123" in gw.upstream().received()
+    gw.upstream().send(response())
+    assert header(client.value(), b"x-request-id") == b"abc-123"
+    assert gw.records[0].request_id == "abc-123"
+    _, client = gw.client(post(CHAT, BODY, b"X-Request-Id: bad id with spaces\r\n"))
+    _, client = gw.client(b"GET /nowhere HTTP/1.1\r\nHost: gw\r\nX-Request-Id: " + b"x" * 200 + b"\r\n\r\n")
+    generated = header(client.value(), b"x-request-id")
+    assert len(generated) == 32 and generated == gw.records[-1].request_id.encode()
+
+
+def test_gateway_errors_are_reported_with_reason():
+    """404s, 413s and 502s are logged with the reason the gateway answered itself."""
+    gw = Gateway()
+    gw.client(b"GET /nowhere HTTP/1.1\r\nHost: gw\r\n\r\n")
+    gw.client(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 99999\r\n\r\n")
+    assert [(r.status, r.error, r.route) for r in gw.records] == [
+        (404, "route_not_found", None), (413, "request_too_large", None)]
+    assert gw.records[1].path == "/v1/chat/completions"
+
+
+def test_client_leaving_is_499():
+    """A client that leaves mid-stream is logged as 499 with how far the answer got."""
+    gw = Gateway()
+    channel, _ = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    upstream.send(SSE_HEAD + b"9\r\ndata: 1\n\n\r\n")
+    channel.connectionLost(Failure(ConnectionDone()))
+    (record,) = gw.records
+    assert record.status == 499 and record.streamed
+    assert record.bytes_out == len(b"data: 1\n\n")
+
+
+def test_upstream_cut_is_logged_as_such():
+    """An upstream that dies mid-body: the record keeps the status sent and says why it ended."""
+    gw = Gateway(metrics=True)
+    gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    upstream.send(SSE_HEAD + b"9\r\ndata: 1\n\n\r\n")
+    upstream.protocol.connectionLost(Failure(ConnectionDone()))
+    (record,) = gw.records
+    assert (record.status, record.error) == (200, "upstream_body_cut")
+    value = gw.metrics.registry.get_sample_value(
+        "openaigw_upstream_failures_total", {"upstream": "up", "node": "10.0.0.1:8080", "reason": "upstream_body_cut"})
+    assert value == 1
+
+
+def test_access_log_json_and_text_lines(tmp_path):
+    """The access log writes one parseable line per request; logrotate's move + SIGHUP reopens."""
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    record = AccessRecord(started=0.0, request_id="r1", method="POST", path="/v1/x", status=200,
+                          usage=Usage(1, 2, 3, estimated=True), model="m", duration=0.5)
+    log.request_finished(record)
+    os.rename(path, tmp_path / "access.log.1")
+    log.reopen()
+    log.request_finished(record)
+    log.close()
+    (first,) = [json.loads(line) for line in (tmp_path / "access.log.1").read_text().splitlines()]
+    assert first["request_id"] == "r1" and first["total_tokens"] == 3 and first["tokens_estimated"] is True
+    assert first["duration_ms"] == 500.0 and first["time"].endswith("Z")
+    assert len(path.read_text().splitlines()) == 1
+    text = AccessLog(str(tmp_path / "text.log"), "text")
+    text.request_finished(record)
+    text.close()
+    line = (tmp_path / "text.log").read_text()
+    assert line.startswith("time=") and " status=200 " in line and " path=/v1/x " in line
+
+
+def test_metrics_count_requests_tokens_and_streams():
+    """Requests by route/consumer/status, tokens by model and kind, streams open now."""
+    gw = Gateway(metrics=True)
+    registry = gw.metrics.registry
+    gw.client(post(CHAT, BODY))
+    gw.upstream().send(SSE_HEAD)
+    assert registry.get_sample_value("openaigw_active_streams", {"route": "chat"}) == 1
+    gw.upstream().send(b"0\r\n\r\n")
+    assert registry.get_sample_value("openaigw_active_streams", {"route": "chat"}) == 0
+    assert registry.get_sample_value(
+        "openaigw_requests_total", {"route": "chat", "consumer": "", "status": "200"}) == 1
+    assert registry.get_sample_value("openaigw_request_duration_seconds_count", {"route": "chat"}) == 1
+
+
+def test_model_labels_are_bounded():
+    """Models become labels only after a 2xx, up to the cap; the rest fold into 'other'."""
+    metrics = Metrics(model_cap=2)
+    for model, status in (("a", 200), ("evil", 404), ("b", 200), ("c", 200), ("a", 200)):
+        metrics.request_finished(AccessRecord(started=0, route="r", status=status, upstream_status=status,
+                                              model=model, usage=Usage(1, 1, 2)))
+    models = {s.labels["model"] for m in metrics.registry.collect() if m.name == "openaigw_tokens"
+              for s in m.samples}
+    assert models == {"a", "b", "other"}
