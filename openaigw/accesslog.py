@@ -100,7 +100,7 @@ class AccessLog:
 
     def __init__(self, path: str = "-", format: str = "json") -> None:
         self.path = path
-        self._format = format
+        self.format = format
         self._file: Optional[IO[str]] = None
         self._log = Logger(namespace="openaigw.access", observer=self._write)
         self.reopen()
@@ -124,7 +124,7 @@ class AccessLog:
 
     def _write(self, event: Dict[str, Any]) -> None:
         fields = {key: event[key] for key in _KEYS}
-        if self._format == "json":
+        if self.format == "json":
             line = json.dumps(fields, separators=(",", ":"))
         else:
             line = " ".join(f"{key}={_logfmt(value)}" for key, value in fields.items())

@@ -53,6 +53,7 @@ class GatewayConfig:
     access_log_format: str = "json"
     status: Tuple[str, ...] = ()  # the /metrics, /healthz, /readyz listener(s)
     metrics_max_models: int = 50
+    shutdown_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,10 @@ def _known(section: Section, keys: Tuple[str, ...]) -> None:
 def _gateway(section: Section) -> GatewayConfig:
     _known(
         section,
-        ("listen", "max_body_size", "access_log", "access_log_format", "status", "metrics_max_models"),
+        (
+            "listen", "max_body_size", "access_log", "access_log_format", "status",
+            "metrics_max_models", "shutdown_timeout",
+        ),
     )
     listen = tuple((section.get("listen") or DEFAULT_LISTEN).split())
     if not listen:
@@ -336,6 +340,7 @@ def _gateway(section: Section) -> GatewayConfig:
         access_log_format=section.choice("access_log_format", "json", ("json", "text")),
         status=status,
         metrics_max_models=section.number("metrics_max_models", 50, integer=True),
+        shutdown_timeout=section.number("shutdown_timeout", 30.0),
     )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, Optional
+from typing import Any, List, Optional, Set
+
+from twisted.internet.defer import Deferred, succeed
 
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
@@ -19,14 +21,20 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class GatewayChannel(HTTPChannel):
-    """An HTTP/1.1 channel with TCP_NODELAY (Twisted sets it only from 24.10)."""
+    """An HTTP/1.1 channel with TCP_NODELAY (Twisted sets it only from 24.10), known
+    to its site until it closes (for a graceful stop)."""
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.site.channels.add(self)
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass  # not a TCP connection (UNIX socket)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self.site.channel_closed(self)
 
 
 def request_id(headers: Any) -> bytes:
@@ -156,6 +164,34 @@ class GatewaySite(Site):
         self.clock = clock
         self.max_body_size = max_body_size
         self.telemetry = telemetry or Telemetry()
+        self.channels: Set[GatewayChannel] = set()
+        self._drained: List[Deferred[None]] = []
+
+    def channel_closed(self, channel: GatewayChannel) -> None:
+        self.channels.discard(channel)
+        if not self.channels:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def drain(self, timeout: float) -> "Deferred[None]":
+        """Close idle connections now, the others once their request is answered;
+        after ``timeout`` seconds abort what is left.  Fires when all are closed."""
+        for channel in list(self.channels):
+            channel.persistent = False  # close once the current answer is sent
+            if not channel.requests:
+                channel.transport.loseConnection()
+        if not self.channels:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._drained.append(done)
+        late = self.clock.callLater(timeout, self._abort_all)
+        done.addBoth(lambda result: (late.cancel() if late.active() else None, result)[1])
+        return done
+
+    def _abort_all(self) -> None:
+        for channel in list(self.channels):
+            channel.transport.abortConnection()
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)

@@ -1,4 +1,5 @@
-"""From a validated Config to a running gateway: listeners, the Site, the status side."""
+"""From a validated Config to a running gateway: listeners, the Site, the status side,
+reloading on SIGHUP and stopping gracefully on SIGTERM."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import signal
 from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.application.service import Service
-from twisted.internet.defer import DeferredList, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from openaigw import config as configuration
+from openaigw import systemd
 from openaigw.accesslog import AccessLog
 from openaigw.config import Config
-from openaigw.consumers import Consumer
+from openaigw.consumers import Consumer, KeyRing
 from openaigw.metrics import Metrics
 from openaigw.plugins import REGISTRY
 from openaigw.relay import RouteResource
@@ -28,15 +31,13 @@ from openaigw.upstream import Upstream
 log = Logger()
 
 
-def build_site(
-    config: Config,
-    reactor: Any,
-    runtime: Optional[Runtime] = None,
-    telemetry: Optional[Telemetry] = None,
-) -> Tuple[GatewaySite, Dict[str, Upstream]]:
-    """The Site serving ``config``'s routes, and the upstreams it calls."""
-    runtime = runtime or Runtime.memory(reactor)
-    telemetry = telemetry or Telemetry()
+def build_routes(
+    config: Config, reactor: Any, runtime: Runtime, telemetry: Telemetry
+) -> Tuple[IResource, Dict[str, Upstream]]:
+    """The root resource serving ``config``'s routes, and the upstreams it calls.
+
+    ``runtime.keyring`` is filled with ``config``'s consumers.
+    """
     for consumer in config.consumers:
         scope = f"consumer:{consumer.name}"
         filters = tuple(REGISTRY[p.name].create(p.settings, runtime, scope) for p in consumer.plugins)
@@ -48,8 +49,19 @@ def build_site(
         filters = [REGISTRY[p.name].create(p.settings, runtime, scope) for p in route.plugins]
         resource = RouteResource(route.name, upstreams[route.upstream], filters, reactor, telemetry)
         routes.append((route.uris, route.methods, resource))
-    site = GatewaySite(Router(routes), reactor, config.gateway.max_body_size, telemetry)
-    return site, upstreams
+    return Router(routes), upstreams
+
+
+def build_site(
+    config: Config,
+    reactor: Any,
+    runtime: Optional[Runtime] = None,
+    telemetry: Optional[Telemetry] = None,
+) -> Tuple[GatewaySite, Dict[str, Upstream]]:
+    """The Site serving ``config``'s routes, and the upstreams it calls."""
+    telemetry = telemetry or Telemetry()
+    root, upstreams = build_routes(config, reactor, runtime or Runtime.memory(reactor), telemetry)
+    return GatewaySite(root, reactor, config.gateway.max_body_size, telemetry), upstreams
 
 
 class GatewayService(Service):
@@ -57,40 +69,61 @@ class GatewayService(Service):
 
     Listening happens in ``privilegedStartService``, so a port that cannot be bound
     stops start-up with an error.  ``ready`` is true from when every listener is up
-    until shutdown begins.
+    until shutdown begins.  SIGHUP reloads the configuration file (keeping the
+    old one if the new one is invalid) and reopens the access log; SIGTERM stops
+    accepting, lets requests in flight finish for up to ``shutdown_timeout`` seconds,
+    aborts the rest and exits 0.
     """
 
     def __init__(self, config: Config, reactor: Any) -> None:
         self.config = config
         self._reactor = reactor
-        gateway = config.gateway
-        access_log = AccessLog(gateway.access_log, gateway.access_log_format) if gateway.access_log else None
-        metrics = Metrics(gateway.metrics_max_models) if gateway.status else None
-        self.telemetry = Telemetry(access_log, metrics)
-        self.site, self._upstreams = build_site(config, reactor, telemetry=self.telemetry)
-        self.status_site: Optional[Site] = None
-        if gateway.status:
-            self.status_site = Site(status_resource(self, metrics))
-            self.status_site.noisy = False
+        self.telemetry = Telemetry()
+        self._runtime = Runtime.memory(reactor)
+        self._configure_telemetry(config)
+        self.site, self._upstreams = build_site(config, reactor, self._runtime, self.telemetry)
+        self.status_site = Site(status_resource(self, self.telemetry.metrics))
+        self.status_site.noisy = False
         self.ready = False
-        self._ports: List[Any] = []
+        self._ports: Dict[Tuple[str, str], Any] = {}
 
-    def _listeners(self) -> List[Tuple[str, Any]]:
-        listeners: List[Tuple[str, Any]] = [(d, self.site) for d in self.config.gateway.listen]
-        if self.status_site is not None:
-            listeners += [(d, self.status_site) for d in self.config.gateway.status]
-        return listeners
+    def _configure_telemetry(self, config: Config) -> None:
+        gateway = config.gateway
+        old = self.telemetry.access_log
+        if gateway.access_log is None:
+            self.telemetry.access_log = None
+        elif old is None or (old.path, old.format) != (gateway.access_log, gateway.access_log_format):
+            self.telemetry.access_log = AccessLog(gateway.access_log, gateway.access_log_format)
+        if old is not None and old is not self.telemetry.access_log:
+            old.close()
+        if gateway.status and self.telemetry.metrics is None:
+            self.telemetry.metrics = Metrics(gateway.metrics_max_models)
+
+    def _wanted(self, config: Config) -> Dict[Tuple[str, str], Any]:
+        wanted = {("listen", d): self.site for d in config.gateway.listen}
+        wanted.update({("status", d): self.status_site for d in config.gateway.status})
+        return wanted
+
+    def _listen(self, wanted: Dict[Tuple[str, str], Any]) -> Tuple[List[Deferred[Any]], List[Any]]:
+        """Open the listeners in ``wanted`` not open yet; return (waiting, failed now)."""
+        waiting, failures = [], []
+        for key, factory in wanted.items():
+            if key in self._ports:
+                continue
+
+            def opened(port: Any, key: Tuple[str, str] = key) -> None:
+                self._ports[key] = port
+
+            listening = serverFromString(self._reactor, key[1]).listen(factory)
+            listening.addCallbacks(opened, failures.append)
+            waiting.append(listening)
+        return waiting, failures
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        failures: List[Any] = []
-        waiting = []
-        for description, factory in self._listeners():
-            listening = serverFromString(self._reactor, description).listen(factory)
-            listening.addCallbacks(self._ports.append, failures.append)
-            waiting.append(listening)
+        waiting, failures = self._listen(self._wanted(self.config))
         if failures:  # most endpoints fail at once: refuse to start
-            self._stop_listening()
+            self._close_ports(list(self._ports))
             failures[0].raiseException()
         gatherResults(waiting, consumeErrors=True).addCallbacks(self._listening, self._cannot_listen)
 
@@ -100,6 +133,7 @@ class GatewayService(Service):
 
     def _listening(self, _: object) -> None:
         self.ready = True
+        systemd.notify("READY=1\nSTATUS=serving")
         log.info(
             "openaigw ready: {routes} route(s) from {path}, listening on {listen}",
             routes=len(self.config.routes), path=self.config.path,
@@ -108,26 +142,78 @@ class GatewayService(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.telemetry.access_log is not None:
-            signal.signal(signal.SIGHUP, self._sighup)
+        signal.signal(signal.SIGHUP, self._signal)
+        # After twistd's own handlers are in place: a SIGTERM stop is a clean exit (0),
+        # not a re-raised signal.
+        self._reactor.addSystemEventTrigger("after", "startup", signal.signal, signal.SIGTERM, self._signal)
 
-    def _sighup(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(self._reopen_logs)
+    def _signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            self._reactor.callFromThread(self.reload)
+        else:
+            self._reactor.callFromThread(self._reactor.stop)
 
-    def _reopen_logs(self) -> None:
-        if self.telemetry.access_log is not None:
-            self.telemetry.access_log.reopen()
-            log.info("access log reopened")
+    def reload(self) -> None:
+        """Reopen the access log (after logrotate), read the configuration file again
+        and serve new requests with it."""
+        systemd.notify(systemd.reloading())
+        try:
+            if self.telemetry.access_log is not None:
+                self.telemetry.access_log.reopen()
+            self._reload()
+        finally:
+            systemd.notify("READY=1\nSTATUS=serving")
 
-    def _stop_listening(self) -> Any:
-        ports, self._ports = self._ports, []
-        return DeferredList([p.stopListening() for p in ports if p is not None])
+    def _reload(self) -> None:
+        try:
+            config = configuration.load(self.config.path)
+        except configuration.ConfigError as e:
+            log.error("reload refused, still serving the previous configuration: {error}", error=str(e))
+            return
+        try:
+            runtime = Runtime(self._reactor, self._runtime.counters, self._runtime.buckets,
+                              self._runtime.concurrency, KeyRing())
+            self._configure_telemetry(config)
+            root, upstreams = build_routes(config, self._reactor, runtime, self.telemetry)
+        except Exception:
+            log.failure("reload failed, still serving the previous configuration")
+            return
+        # New requests find the new routes; those in flight keep the objects they hold.
+        self.site.resource = root
+        self.site.max_body_size = config.gateway.max_body_size
+        self.status_site.resource = status_resource(self, self.telemetry.metrics)
+        old_upstreams, self._upstreams = self._upstreams, upstreams
+        self._runtime, self.config = runtime, config
+        wanted = self._wanted(config)
+        self._close_ports([key for key in self._ports if key not in wanted])
+        _, failures = self._listen(wanted)
+        for failure in failures:
+            log.error("reload: cannot listen: {error}", error=failure.getErrorMessage())
+        for upstream in old_upstreams.values():
+            upstream.close()  # idle connections; busy ones finish their request
+        log.info("configuration reloaded from {path}: {routes} route(s)", path=config.path,
+                 routes=len(config.routes))
 
-    def stopService(self) -> Any:
+    def _close_ports(self, keys: List[Tuple[str, str]]) -> Deferred[Any]:
+        ports = [self._ports.pop(key) for key in keys if key in self._ports]
+        return DeferredList([maybeDeferred(port.stopListening) for port in ports])
+
+    async def _stop(self) -> None:
         self.ready = False
-        super().stopService()
-        stopping = [self._stop_listening()]
-        stopping.extend(upstream.close() for upstream in self._upstreams.values())
+        systemd.notify("STOPPING=1")
+        await self._close_ports([key for key in self._ports if key[0] == "listen"])
+        timeout = self.config.gateway.shutdown_timeout
+        if self.site.channels:
+            log.info(
+                "stopping: waiting up to {timeout}s for {count} connection(s)",
+                timeout=timeout, count=len(self.site.channels),
+            )
+        await self.site.drain(timeout)
+        await self._close_ports(list(self._ports))
+        await DeferredList([upstream.close() for upstream in self._upstreams.values()])
         if self.telemetry.access_log is not None:
             self.telemetry.access_log.close()
-        return DeferredList(stopping)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())

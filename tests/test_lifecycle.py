@@ -1,0 +1,117 @@
+"""Reload, graceful stop and sd_notify, in memory (the real-process side is in
+test_integration_lifecycle.py)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from openaigw import config, systemd
+from openaigw.service import GatewayService
+
+from tests.memory import BASE_CONFIG, Gateway, post, response
+
+CHAT = b"/v1/chat/completions"
+
+
+@pytest.fixture
+def notifications(tmp_path, monkeypatch):
+    """A datagram socket standing in for systemd's $NOTIFY_SOCKET; yields a reader."""
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+
+    def read() -> list:
+        messages = []
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                return messages
+
+    yield read
+    sock.close()
+
+
+def test_notify_without_systemd_does_nothing(monkeypatch):
+    """Outside systemd (no $NOTIFY_SOCKET) notify is a no-op."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert systemd.notify("READY=1") is False
+
+
+def test_drain_closes_idle_waits_for_busy_then_aborts():
+    """A graceful stop closes idle connections at once, lets busy ones finish their answer,
+    and aborts what is still open after the timeout."""
+    gw = Gateway()
+    _, idle = gw.client()
+    busy_channel, busy = gw.client(post(CHAT, b"{}"))
+    _, slow = gw.client(post(CHAT, b"{}"))
+    done = gw.site.drain(10)
+    assert idle.disconnecting and not busy.disconnecting and not done.called
+    gw.upstream(0).send(response())  # the busy request is answered: its connection closes
+    assert busy.value().startswith(b"HTTP/1.1 200") and busy.disconnecting
+    busy_channel.connectionLost(Failure(ConnectionDone()))
+    gw.reactor.advance(10)
+    assert slow.disconnected  # aborted after the timeout
+
+
+def write(path, text: str) -> None:
+    path.write_text(text)
+
+
+def start(tmp_path, text: str = BASE_CONFIG):
+    from twisted.internet.testing import MemoryReactorClock
+
+    path = tmp_path / "gw.ini"
+    write(path, text)
+    reactor = MemoryReactorClock()
+    service = GatewayService(config.load(str(path), {"KEY": "sk-real"}), reactor)
+    service.privilegedStartService()
+    return service, reactor, path
+
+
+def test_ready_once_listening(tmp_path, notifications):
+    """READY=1 goes to systemd when every listener is up."""
+    service, reactor, _ = start(tmp_path)
+    assert service.ready
+    assert notifications() == ["READY=1\nSTATUS=serving"]
+    assert [port for port, *_ in reactor.tcpServers] == [0]
+
+
+def test_reload_valid_invalid_and_listeners(tmp_path, notifications, monkeypatch):
+    """A valid file replaces routes and listeners; an invalid one is refused and the old one
+    kept; systemd sees RELOADING=1 then READY=1 each time."""
+    monkeypatch.setenv("KEY", "sk-real")
+    service, reactor, path = start(tmp_path)
+    notifications()
+    old_root = service.site.resource
+    write(path, BASE_CONFIG + "bogus = 1\n")
+    service.reload()
+    assert service.site.resource is old_root
+    messages = notifications()
+    assert messages[0].startswith("RELOADING=1\nMONOTONIC_USEC=") and messages[1] == "READY=1\nSTATUS=serving"
+    new = BASE_CONFIG.replace("listen = tcp:port=0:interface=127.0.0.1",
+                              "listen = tcp:port=0:interface=127.0.0.1 tcp:port=0:interface=127.0.0.2")
+    write(path, new.replace("[route:api]\nuri = /v1/*", "[route:api]\nuri = /v2/*"))
+    service.reload()
+    assert service.site.resource is not old_root
+    assert [interface for _, _, _, interface in reactor.tcpServers] == ["127.0.0.1", "127.0.0.2"]
+    assert sorted(key for key in service._ports) == [
+        ("listen", "tcp:port=0:interface=127.0.0.1"), ("listen", "tcp:port=0:interface=127.0.0.2")]
+    write(path, BASE_CONFIG)
+    service.reload()
+    assert list(service._ports) == [("listen", "tcp:port=0:interface=127.0.0.1")]
+
+
+def test_stop_notifies_and_drains(tmp_path, notifications):
+    """Stopping tells systemd STOPPING=1, closes the listeners and waits for connections."""
+    service, reactor, _ = start(tmp_path)
+    notifications()
+    stopped = service.stopService()
+    assert notifications() == ["STOPPING=1"]
+    assert not service.ready and stopped.called
