@@ -17,7 +17,17 @@ from zope.interface import implementer
 from openaigw.config import PluginOptions
 from openaigw.exchange import Exchange
 from openaigw.interfaces import IPlugin, IRequestFilter
-from openaigw.plugins.limits import TOKEN_HEADERS, LimitKey, check_options, label, parse_key, report, too_many
+from openaigw.plugins.limits import (
+    TOKEN_HEADERS,
+    LimitFilter,
+    LimitKey,
+    check_options,
+    label,
+    parse_key,
+    report,
+    required_number,
+    too_many,
+)
 from openaigw.usage import ask_for_usage
 
 log = Logger()
@@ -33,16 +43,11 @@ class TokenSettings:
 
 
 @implementer(IRequestFilter)
-class TokenFilter:
-    def __init__(self, settings: TokenSettings, counters: Any, scope: str) -> None:
-        self._settings = settings
-        self._counters = counters
-        self._scope = scope
-
+class TokenFilter(LimitFilter):
     def filter_request(self, exchange: Exchange) -> None:
         s = self._settings
         key = s.key.of("ai-rate-limiting", self._scope, exchange)
-        used, reset = self._counters.peek(key, s.time_window)
+        used, reset = self._store.peek(key, s.time_window)
         report(exchange, TOKEN_HEADERS, s.limit, max(0, s.limit - used), reset)
         if used >= s.limit:
             what = f"tokens ({s.limit} {s.strategy} per {s.time_window}s, {label(self._scope)})"
@@ -63,7 +68,7 @@ class TokenFilter:
         tokens = usage.get(self._settings.strategy)
         if tokens <= 0:
             return
-        self._counters.add(key, self._settings.time_window, tokens)
+        self._store.add(key, self._settings.time_window, tokens)
         if usage.estimated:
             log.info(
                 "charged an estimate of {tokens} {strategy} to {key}: the answer had no usage",
@@ -79,12 +84,8 @@ class AIRateLimiting:
 
     def parse(self, options: PluginOptions) -> TokenSettings:
         check_options(options, ("limit", "time_window", "limit_strategy", "key"))
-        limit = options.section.number(options.key("limit"), 0, 1, integer=True)
-        window = options.section.number(options.key("time_window"), 0, 1, integer=True)
-        if not limit:
-            raise options.error("limit", "is required (tokens per window)")
-        if not window:
-            raise options.error("time_window", "is required (seconds)")
+        limit = required_number(options, "limit", "tokens per window")
+        window = required_number(options, "time_window", "seconds")
         strategy = options.section.choice(options.key("limit_strategy"), "total_tokens", STRATEGIES)
         return TokenSettings(limit, window, strategy, parse_key(options))
 

@@ -76,6 +76,23 @@ def check_options(options: PluginOptions, known: Tuple[str, ...]) -> None:
             raise options.error(option, f"unknown option (known: {', '.join(known)})")
 
 
+def required_number(options: PluginOptions, option: str, what: str, integer: bool = True) -> Any:
+    """A number above 0 that must be given."""
+    value = options.section.number(options.key(option), 0, 1 if integer else 0.0, integer=integer)
+    if not value:
+        raise options.error(option, f"is required and must be above 0 ({what})")
+    return value
+
+
+class LimitFilter:
+    """What every limit's filter holds: its settings, its state store and its scope."""
+
+    def __init__(self, settings: Any, store: Any, scope: str) -> None:
+        self._settings = settings
+        self._store = store
+        self._scope = scope
+
+
 def report(exchange: Exchange, names: Tuple[bytes, bytes, bytes], limit: int, remaining: int,
            reset: float) -> None:
     """Set the limit headers, unless a limit with less remaining set them already."""
@@ -111,15 +128,10 @@ class CountSettings:
 
 
 @implementer(IRequestFilter)
-class CountFilter:
-    def __init__(self, settings: CountSettings, counters: Any, scope: str) -> None:
-        self._settings = settings
-        self._counters = counters
-        self._scope = scope
-
+class CountFilter(LimitFilter):
     def filter_request(self, exchange: Exchange) -> None:
         limit, window = self._settings.count, self._settings.time_window
-        used, reset = self._counters.add(self._settings.key.of("limit-count", self._scope, exchange), window, 1)
+        used, reset = self._store.add(self._settings.key.of("limit-count", self._scope, exchange), window, 1)
         report(exchange, REQUEST_HEADERS, limit, max(0, limit - used), reset)
         if used > limit:
             what = f"requests ({limit} per {window}s, {label(self._scope)})"
@@ -134,12 +146,8 @@ class LimitCount:
 
     def parse(self, options: PluginOptions) -> CountSettings:
         check_options(options, ("count", "time_window", "key"))
-        count = options.section.number(options.key("count"), 0, 1, integer=True)
-        window = options.section.number(options.key("time_window"), 0, 1, integer=True)
-        if not count:
-            raise options.error("count", "is required (requests per window)")
-        if not window:
-            raise options.error("time_window", "is required (seconds)")
+        count = required_number(options, "count", "requests per window")
+        window = required_number(options, "time_window", "seconds")
         return CountSettings(count, window, parse_key(options))
 
     def create(self, settings: CountSettings, runtime: Any, scope: str) -> CountFilter:
@@ -155,16 +163,14 @@ class ReqSettings:
 
 
 @implementer(IRequestFilter)
-class ReqFilter:
+class ReqFilter(LimitFilter):
     def __init__(self, settings: ReqSettings, runtime: Any, scope: str) -> None:
-        self._settings = settings
-        self._buckets = runtime.buckets
+        super().__init__(settings, runtime.buckets, scope)
         self._clock = runtime.clock
-        self._scope = scope
 
     def filter_request(self, exchange: Exchange) -> Optional[Any]:
         s = self._settings
-        admitted, seconds = self._buckets.take(s.key.of("limit-req", self._scope, exchange), s.rate, s.burst)
+        admitted, seconds = self._store.take(s.key.of("limit-req", self._scope, exchange), s.rate, s.burst)
         if not admitted:
             what = f"requests ({s.rate:g}/s, burst {s.burst:g}, {label(self._scope)})"
             raise too_many("requests", what, seconds, "limit-req")
@@ -181,9 +187,7 @@ class LimitReq:
 
     def parse(self, options: PluginOptions) -> ReqSettings:
         check_options(options, ("rate", "burst", "nodelay", "key"))
-        rate = options.section.number(options.key("rate"), 0.0)
-        if rate <= 0:
-            raise options.error("rate", "is required and must be above 0 (requests per second)")
+        rate = required_number(options, "rate", "requests per second", integer=False)
         burst = options.section.number(options.key("burst"), 0.0)
         nodelay = options.section.flag(options.key("nodelay"), False)
         return ReqSettings(rate, burst, nodelay, parse_key(options))
@@ -199,18 +203,13 @@ class ConnSettings:
 
 
 @implementer(IRequestFilter)
-class ConnFilter:
-    def __init__(self, settings: ConnSettings, concurrency: Any, scope: str) -> None:
-        self._settings = settings
-        self._concurrency = concurrency
-        self._scope = scope
-
+class ConnFilter(LimitFilter):
     def filter_request(self, exchange: Exchange) -> None:
         key = self._settings.key.of("limit-conn", self._scope, exchange)
-        if not self._concurrency.acquire(key, self._settings.conn):
+        if not self._store.acquire(key, self._settings.conn):
             what = f"concurrent requests ({self._settings.conn}, {label(self._scope)})"
             raise too_many("requests", what, 1, "limit-conn")
-        exchange.on_complete(lambda _: self._concurrency.release(key))
+        exchange.on_complete(lambda _: self._store.release(key))
 
 
 @implementer(IPlugin)
@@ -221,10 +220,7 @@ class LimitConn:
 
     def parse(self, options: PluginOptions) -> ConnSettings:
         check_options(options, ("conn", "key"))
-        conn = options.section.number(options.key("conn"), 0, 1, integer=True)
-        if not conn:
-            raise options.error("conn", "is required (concurrent requests)")
-        return ConnSettings(conn, parse_key(options))
+        return ConnSettings(required_number(options, "conn", "concurrent requests"), parse_key(options))
 
     def create(self, settings: ConnSettings, runtime: Any, scope: str) -> ConnFilter:
         return ConnFilter(settings, runtime.concurrency, scope)
