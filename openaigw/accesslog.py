@@ -108,14 +108,15 @@ class AccessLog:
     def reopen(self) -> None:
         """Close and open the file again (after logrotate moved it)."""
         if self.path == "-":
-            self._file = sys.stdout
+            # The process's real stdout: twistd replaces sys.stdout with a logger.
+            self._file = sys.__stdout__
             return
         old, self._file = self._file, open(self.path, "a", encoding="utf-8", buffering=1)
         if old is not None:
             old.close()
 
     def close(self) -> None:
-        if self._file is not None and self._file is not sys.stdout:
+        if self._file is not None and self._file is not sys.__stdout__:
             self._file.close()
         self._file = None
 
@@ -130,7 +131,7 @@ class AccessLog:
             line = " ".join(f"{key}={_logfmt(value)}" for key, value in fields.items())
         if self._file is not None:
             self._file.write(line + "\n")
-            if self._file is sys.stdout:
+            if self._file is sys.__stdout__:
                 self._file.flush()
 
 

@@ -11,7 +11,6 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeD
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.resource import IResource
-from twisted.web.server import Site
 
 from openaigw import config as configuration
 from openaigw import systemd
@@ -24,7 +23,7 @@ from openaigw.relay import RouteResource
 from openaigw.router import Router
 from openaigw.runtime import Runtime
 from openaigw.server import GatewaySite
-from openaigw.status import status_resource
+from openaigw.status import StatusSite, status_resource
 from openaigw.telemetry import Telemetry
 from openaigw.upstream import Upstream
 
@@ -82,8 +81,7 @@ class GatewayService(Service):
         self._runtime = Runtime.memory(reactor)
         self._configure_telemetry(config)
         self.site, self._upstreams = build_site(config, reactor, self._runtime, self.telemetry)
-        self.status_site = Site(status_resource(self, self.telemetry.metrics))
-        self.status_site.noisy = False
+        self.status_site = StatusSite(status_resource(self, self.telemetry.metrics))
         self.ready = False
         self._ports: Dict[Tuple[str, str], Any] = {}
 

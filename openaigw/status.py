@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from openaigw.metrics import Metrics
 
@@ -42,6 +43,15 @@ class _Metrics(Resource):
 
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self._registry)  # type: ignore[no-any-return]
+
+
+class StatusSite(Site):
+    """The status listener's Site: probes and scrapes are not logged one by one."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
 
 
 def status_resource(service: Any, metrics: Optional[Metrics]) -> Resource:

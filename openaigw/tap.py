@@ -9,6 +9,8 @@ from twisted.python import usage
 
 from openaigw import config
 
+EX_CONFIG = 78  # sysexits.h: configuration error
+
 
 class Options(usage.Options):
     """twistd openaigw [-c FILE] [--check]"""
@@ -22,17 +24,18 @@ class Options(usage.Options):
         ["config", "c", "/etc/openaigw/gw.ini", "The configuration file (gw.ini)."],
     ]
     optFlags = [
-        ["check", None, "Validate the configuration, then exit: 0 if valid, 1 with the errors."],
+        ["check", None, "Validate the configuration, then exit: 0 if valid, 78 with the errors."],
     ]
 
     def postOptions(self) -> None:
-        # Errors exit here with status 1: twistd 22.4 exits 0 on UsageError.
+        # Errors exit here with EX_CONFIG (twistd 22.4 would exit 0 on UsageError);
+        # the systemd unit does not restart on it (RestartPreventExitStatus=78).
         try:
             self.config = config.load(self["config"])
         except config.ConfigError as e:
             sys.stderr.write(f"openaigw: {e}\n")
             sys.stderr.flush()
-            raise SystemExit(1)
+            raise SystemExit(EX_CONFIG)
         if self["check"]:
             sys.stdout.write(f"openaigw: {self['config']}: configuration OK\n")
             sys.stdout.flush()

@@ -285,7 +285,7 @@ def test_unknown_route_is_404(gateway):
 
 @pytest.mark.parametrize("valid", [True, False])
 def test_check_option(tmp_path, valid):
-    """`twistd openaigw --check` exits 0 for a valid file and 1 naming the error otherwise."""
+    """`twistd openaigw --check` exits 0 for a valid file and 78 naming the error otherwise."""
     text = "[upstream:u]\nnodes = h:1\n[route:r]\nuri = /x\nupstream = u\n"
     (tmp_path / "gw.ini").write_text(text if valid else text + "bogus = 1\n")
     result = subprocess.run(
@@ -298,5 +298,5 @@ def test_check_option(tmp_path, valid):
         assert result.returncode == 0, result.stderr
         assert "configuration OK" in result.stdout
     else:
-        assert result.returncode == 1
+        assert result.returncode == 78  # EX_CONFIG
         assert "[route:r] bogus: unknown key or plugin 'bogus'" in result.stderr
