@@ -16,7 +16,7 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tupl
 
 from openaigw import secrets
 
-DEFAULT_LISTEN = "tcp:port=9080:interface=127.0.0.1"
+DEFAULT_LISTEN = "tcp:port=9080:interface=127.0.0.1:backlog=511"
 _SIZE = re.compile(r"(?P<number>\d+)\s*(?P<unit>[kmg]?)b?", re.IGNORECASE)
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (methods, header names)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}

@@ -1,0 +1,534 @@
+"""openaigw benchmark: the gateway against a direct connection and nginx, in one run.
+
+    python bench/run.py [--quick] [--json results.json]
+
+Starts on 127.0.0.1 a fast fake OpenAI upstream (nginx: canned chat.completion, and
+SSE streams timed by the echo module), nginx as a plain reverse proxy (the
+reference) and openaigw, then runs each workload in interleaved rounds against
+direct / nginx / openaigw and prints one table of medians and ratios.  The proxies
+run on core 0; upstream, wrk and the Python load generator on core 1.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import glob
+import json
+import os
+import re
+import signal
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Tuple
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+
+import loadgen  # noqa: E402
+from openaigw.testing import free_port, start_gateway, stop_process  # noqa: E402
+
+TARGETS = ("direct", "nginx", "openaigw")
+# The cost of features, throughput only: the gateway bare (no access log, no metrics),
+# as seeded (access log on), and with key-auth, a request limit, a token limit, the
+# access log and metrics all on.
+FEATURE_TARGETS = ("openaigw-bare", "openaigw", "openaigw-full")
+CLIENT_KEY = "sk-bench-client-key-0001"
+PROXY_CORE, LOAD_CORE = 0, 1
+# Several upstream workers (sharing LOAD_CORE): nginx timers set in one event-loop
+# pass share its cached clock, so one worker's sleeping streams fall into lockstep
+# and each round of chunks goes out as one burst, stamped with the burst's start.
+# Four workers make four smaller bursts at independent phases.
+UPSTREAM_WORKERS = 4
+ECHO_MODULE_GLOBS = ("/usr/lib/nginx/modules/ngx_http_echo_module.so",
+                     "/usr/lib/*/nginx/modules/ngx_http_echo_module.so",
+                     "/usr/share/nginx/modules/ngx_http_echo_module.so")
+CHAT_COMPLETION = (
+    '{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,'
+    '"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant",'
+    '"content":"Hello! How can I help you today?","refusal":null},"logprobs":null,'
+    '"finish_reason":"stop"}],"usage":{"prompt_tokens":14,"completion_tokens":9,'
+    '"total_tokens":23},"system_fingerprint":"fp_bench"}')
+WRK_LUA = """wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes of one run (full or --quick)."""
+
+    rounds: int
+    wrk_seconds: int
+    wrk_connections: int
+    rate: float  # open-loop req/s
+    rate_seconds: float
+    fast_streams: int
+    fast_chunks: int
+    fast_interval: float
+    slow_streams: int
+    slow_chunks: int
+    slow_interval: float
+
+
+FULL = Plan(3, 5, 50, 200, 4, 200, 20, 0.010, 1000, 100, 0.050)
+QUICK = Plan(1, 2, 50, 200, 2, 200, 20, 0.010, 1000, 20, 0.050)
+
+
+# --- processes -------------------------------------------------------------------
+
+def pinned(core: int, argv: List[str]) -> List[str]:
+    """*argv* run under ``taskset -c core`` (unpinned on a one-core machine)."""
+    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        return argv
+    return ["taskset", "-c", str(core)] + argv
+
+
+def pin_pid(pid: int, core: int) -> None:
+    """Pin every thread of *pid* to *core* (``taskset -a -p``)."""
+    if (os.cpu_count() or 1) < 2:
+        return
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), {core})
+
+
+def wait_listening(port: int, proc: "subprocess.Popen[bytes]", what: str,
+                   timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} not listening on {port}")
+            time.sleep(0.05)
+
+
+def echo_module() -> str:
+    for pattern in ECHO_MODULE_GLOBS:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    raise SystemExit("nginx echo module not found: apt-get install libnginx-mod-http-echo")
+
+
+def sse_location(name: str, chunks: int, interval: float) -> str:
+    """An internal location answering with *chunks* SSE events *interval* apart, each
+    stamped with nginx's send time ($msec) and flushed on its own, then [DONE]."""
+    lines = [f"location = /_stream/{name} {{", "    internal;",
+             "    default_type text/event-stream;", "    add_header Cache-Control no-cache;"]
+    for i in range(chunks):
+        delta = ('{"role":"assistant","content":"tok0 "}' if i == 0
+                 else '{"content":"tok%d "}' % i)
+        finish = '"stop"' if i == chunks - 1 else "null"
+        event = ('data: {"id":"chatcmpl-bench-$msec","object":"chat.completion.chunk",'
+                 '"created":1700000000,"model":"gpt-4o-mini-2024-07-18",'
+                 '"system_fingerprint":"fp_bench","choices":[{"index":0,"delta":%s,'
+                 '"logprobs":null,"finish_reason":%s}]}\\n\\n' % (delta, finish))
+        lines.append(f"    echo -n '{event}'; echo_flush;")
+        if i < chunks - 1:
+            lines.append(f"    echo_sleep {interval:.3f};")
+    lines += ["    echo -n 'data: [DONE]\\n\\n';", "}"]
+    return "\n".join(lines)
+
+
+def nginx_conf(prefix: str, server: str, extra_http: str = "", module: str = "",
+               workers: int = 1) -> str:
+    return f"""{f'load_module {module};' if module else ''}
+worker_processes {workers};
+worker_rlimit_nofile 20000;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi; uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+{extra_http}
+    server {{
+{server}
+    }}
+}}
+"""
+
+
+def start_nginx(prefix: str, conf: str, port: int, core: int) -> "subprocess.Popen[bytes]":
+    os.makedirs(prefix, exist_ok=True)
+    path = os.path.join(prefix, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    with open(os.path.join(prefix, "stderr.log"), "ab") as err:
+        proc = subprocess.Popen(
+            pinned(core, ["nginx", "-e", f"{prefix}/error.log", "-c", path, "-p", prefix,
+                          "-g", "daemon off;"]),
+            stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    try:
+        wait_listening(port, proc, f"nginx ({prefix}; see error.log)")
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc
+
+
+def upstream_server(port: int, plan: Plan) -> str:
+    body = CHAT_COMPLETION.replace("'", "\\'")
+    return f"""listen 127.0.0.1:{port} reuseport;
+location = /v1/chat/completions {{
+    if ($http_x_bench_stream = "fast") {{ rewrite ^ /_stream/fast last; }}
+    if ($http_x_bench_stream = "slow") {{ rewrite ^ /_stream/slow last; }}
+    default_type application/json;
+    return 200 '{body}';
+}}
+{sse_location("fast", plan.fast_chunks, plan.fast_interval)}
+{sse_location("slow", plan.slow_chunks, plan.slow_interval)}"""
+
+
+def proxy_server(port: int) -> str:
+    return f"""listen 127.0.0.1:{port};
+location / {{
+    proxy_pass http://bench_upstream;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Authorization "Bearer sk-bench";
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_set_header X-Forwarded-Host $http_host;
+    proxy_buffering off;
+    proxy_read_timeout 60s;
+}}"""
+
+
+def gateway_ini(gw_port: int, upstream_port: int, variant: str = "openaigw", tmp: str = "") -> str:
+    """The seed etc/gw.ini, pointed at the bench upstream over plain http; ``variant``
+    openaigw-bare turns the access log off, openaigw-full turns every check on."""
+    gateway, route = "", ""
+    if variant == "openaigw-bare":
+        gateway = "access_log = off\n"
+    elif variant == "openaigw-full":
+        gateway = (f"access_log = {tmp}/access-full.log\n"
+                   f"status = tcp:port={free_port()}:interface=127.0.0.1\n")
+        route = ("key-auth = on\nlimit-count.count = 1000000000\nlimit-count.time_window = 3600\n"
+                 "ai-rate-limiting.limit = 1000000000000\nai-rate-limiting.time_window = 3600\n")
+    consumer = f"\n[consumer:bench]\nkey = {CLIENT_KEY}\n" if variant == "openaigw-full" else ""
+    return f"""[gateway]
+listen = tcp:port={gw_port}:interface=127.0.0.1:backlog=1024
+max_body_size = 10M
+{gateway}{consumer}
+[upstream:bench]
+scheme = http
+nodes =
+    127.0.0.1:{upstream_port} 1
+type = roundrobin
+timeout_connect = 6
+timeout_read = 60
+
+[route:openai-chat]
+uri = /v1/chat/completions
+methods = POST
+upstream = bench
+{route}proxy-rewrite.headers.set.Authorization = Bearer $ENV://OPENAI_API_KEY
+
+[route:openai-api]
+uri = /v1/*
+upstream = bench
+proxy-rewrite.headers.set.Authorization = Bearer $ENV://OPENAI_API_KEY
+"""
+
+
+# --- /proc -------------------------------------------------------------------------
+
+def proc_status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Make VmHWM restart from the current RSS (Linux clear_refs 5)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def nginx_worker(master: int) -> int:
+    with open(f"/proc/{master}/task/{master}/children") as f:
+        children = [int(c) for c in f.read().split()]
+    if not children:
+        raise RuntimeError(f"nginx master {master} has no worker")
+    return children[0]
+
+
+# --- workloads ------------------------------------------------------------------------
+
+def run_wrk(port: int, seconds: int, connections: int, lua: str) -> Dict[str, float]:
+    argv = pinned(LOAD_CORE, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+                              "-s", lua, f"http://127.0.0.1:{port}/v1/chat/completions"])
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30,
+                         check=True).stdout
+    units = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+    lat = {p: float(v) * units[u] for p, v, u in
+           re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)}
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    if rps is None or len(lat) != 2:
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses:\s+(\d+)", out))
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                              r"timeout (\d+)", out)
+    if socket_errors:
+        errors += sum(int(n) for n in socket_errors.groups())
+    total = re.search(r"^\s+(\d+) requests in", out, re.M)
+    return {"rps": float(rps.group(1)), "p50_ms": lat["50"], "p99_ms": lat["99"],
+            "errors": errors, "requests": int(total.group(1)) if total else 0}
+
+
+class Bench:
+    def __init__(self, plan: Plan, tmp: str) -> None:
+        self.plan, self.tmp = plan, tmp
+        self.procs: List["subprocess.Popen[bytes]"] = []
+        self.ports: Dict[str, int] = {}
+        self.pids: Dict[str, int] = {}  # process serving each proxy target
+        self.raw: Dict[str, Dict[str, List[float]]] = {}  # metric -> target -> rounds
+        self.lua = os.path.join(tmp, "post.lua")
+
+    def start(self) -> None:
+        with open(self.lua, "w") as f:
+            body = loadgen.build_request(0).split(b"\r\n\r\n", 1)[1].decode()
+            f.write(WRK_LUA % (body, CLIENT_KEY))
+        up, px = free_port(), free_port()
+        self.ports = {"direct": up, "nginx": px}
+        module = echo_module()
+        self.procs.append(start_nginx(
+            f"{self.tmp}/upstream", nginx_conf(f"{self.tmp}/upstream", upstream_server(
+                up, self.plan), module=module, workers=UPSTREAM_WORKERS), up, LOAD_CORE))
+        keepalive = (f"    upstream bench_upstream {{ server 127.0.0.1:{up}; keepalive 64; "
+                     "keepalive_requests 1000000; keepalive_timeout 60s; }")
+        self.procs.append(start_nginx(f"{self.tmp}/proxy", nginx_conf(
+            f"{self.tmp}/proxy", proxy_server(px), keepalive), px, PROXY_CORE))
+        self.pids["nginx"] = nginx_worker(self.procs[-1].pid)
+        env = dict(os.environ, OPENAI_API_KEY="sk-bench")
+        for variant in FEATURE_TARGETS:
+            gw = self.ports[variant] = free_port()
+            directory = os.path.join(self.tmp, variant)
+            os.mkdir(directory)
+            gateway = start_gateway(directory, gateway_ini(gw, up, variant, directory), gw, env=env)
+            self.procs.append(gateway)
+            pin_pid(gateway.pid, PROXY_CORE)
+            self.pids[variant] = gateway.pid
+        for target, port in self.ports.items():  # check the canned answer and warm up
+            result = asyncio.run(loadgen.fixed_rate(port, 100, 0.2, connections=4))
+            if result["errors"] or not result["ok"]:
+                raise RuntimeError(f"{target} on port {port} does not answer: {result}")
+            run_wrk(port, 1, self.plan.wrk_connections, self.lua)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            stop_process(proc)
+        self.procs.clear()
+
+    def record(self, target: str, values: Dict[str, float], prefix: str) -> None:
+        for key, value in values.items():
+            self.raw.setdefault(f"{prefix}.{key}", {}).setdefault(target, []).append(value)
+
+    def cpu(self, target: str) -> float:
+        return cpu_seconds(self.pids[target]) if target in self.pids else float("nan")
+
+    def rounds(self, name: str, fn: Callable[[str, int], Dict[str, float]],
+               targets: Tuple[str, ...] = TARGETS) -> None:
+        """Run *fn* for each target, rotating the order each round."""
+        for r in range(self.plan.rounds):
+            order = targets[r % len(targets):] + targets[:r % len(targets)]
+            for target in order:
+                started = time.monotonic()
+                values = fn(target, self.ports[target])
+                self.record(target, values, name)
+                print(f"  {name:<9} round {r + 1} {target:<8} {time.monotonic() - started:5.1f}s "
+                      + " ".join(f"{k}={v:.4g}" for k, v in values.items()), flush=True)
+
+    def throughput(self, target: str, port: int) -> Dict[str, float]:
+        cpu = self.cpu(target)
+        result = run_wrk(port, self.plan.wrk_seconds, self.plan.wrk_connections, self.lua)
+        result["cpu_us_per_req"] = (self.cpu(target) - cpu) / max(1, result["requests"]) * 1e6
+        return result
+
+    def fixed_rate(self, target: str, port: int) -> Dict[str, float]:
+        return asyncio.run(loadgen.fixed_rate(port, self.plan.rate, self.plan.rate_seconds))
+
+    def fast_streams(self, target: str, port: int) -> Dict[str, float]:
+        p = self.plan
+        cpu = self.cpu(target)
+        result = loadgen.streams(port, p.fast_streams, "fast", p.fast_chunks, p.fast_interval,
+                                 timeout=p.fast_chunks * p.fast_interval + 30)
+        result["cpu_us_per_chunk"] = (self.cpu(target) - cpu) / max(1, result["chunks"]) * 1e6
+        return result
+
+    def slow_streams(self, target: str, port: int) -> Dict[str, float]:
+        p = self.plan
+        pid = self.pids.get(target)
+        if pid is not None:
+            reset_peak_rss(pid)
+            idle, cpu = proc_status_kib(pid, "VmRSS"), cpu_seconds(pid)
+        result = loadgen.streams(port, p.slow_streams, "slow", p.slow_chunks, p.slow_interval,
+                                 timeout=p.slow_chunks * p.slow_interval + 30)
+        if pid is not None:
+            peak = proc_status_kib(pid, "VmHWM")
+            result.update(idle_rss_mib=idle / 1024, peak_rss_mib=peak / 1024,
+                          rss_per_stream_kib=(peak - idle) / p.slow_streams,
+                          cpu_us_per_chunk=(cpu_seconds(pid) - cpu) / max(1, result["chunks"]) * 1e6)
+        return result
+
+
+# --- report ---------------------------------------------------------------------------
+
+def summary(bench: Bench, metric: str, target: str, peak: bool = False) -> float:
+    """Median over rounds, or the largest value (*peak*)."""
+    values = bench.raw.get(metric, {}).get(target, [])
+    if not values:
+        return float("nan")
+    return max(values) if peak else statistics.median(values)
+
+
+def table(bench: Bench) -> Tuple[str, Dict[str, Dict[str, float]]]:
+    p = bench.plan
+    fast = f"{p.fast_streams} streams x {p.fast_chunks} x {p.fast_interval * 1e3:.0f}ms"
+    slow = f"{p.slow_streams} streams x {p.slow_chunks} x {p.slow_interval * 1e3:.0f}ms"
+    # (metric, label, is a latency: show the added time over direct)
+    rows: List[Tuple[str, str, bool]] = [
+        ("tput.rps", f"wrk c={p.wrk_connections}: req/s", False),
+        ("tput.p50_ms", "  latency p50 ms", True),
+        ("tput.p99_ms", "  latency p99 ms", True),
+        ("tput.cpu_us_per_req", "  proxy CPU us/request", False),
+        ("rate.p50_ms", f"{p.rate:g} req/s open loop: p50 ms", True),
+        ("rate.p99_ms", "  p99 ms", True),
+        ("fast.ttfb_p50_ms", f"{fast}: TTFB p50 ms", True),
+        ("fast.ttfb_p99_ms", "  TTFB p99 ms", True),
+        ("fast.chunk_p50_ms", "  chunk transit p50 ms", True),
+        ("fast.chunk_p99_ms", "  chunk transit p99 ms", True),
+        ("fast.coalesced_pct", "  chunks coalesced %", False),
+        ("fast.complete", "  streams complete", False),
+        ("fast.cpu_us_per_chunk", "  proxy CPU us/chunk", False),
+        ("slow.complete", f"{slow}: complete", False),
+        ("slow.ttfb_p99_ms", "  TTFB p99 ms", True),
+        ("slow.chunk_p99_ms", "  chunk transit p99 ms", True),
+        ("slow.coalesced_pct", "  chunks coalesced %", False),
+        ("slow.cpu_us_per_chunk", "  proxy CPU us/chunk", False),
+        ("slow.peak_rss_mib", "  proxy peak RSS MiB (max)", False),
+        ("slow.rss_per_stream_kib", "  proxy RSS/stream KiB (max)", False),
+    ]
+    head = ["workload", "direct", "nginx proxy", "openaigw", "gw/nginx", "+nginx", "+openaigw"]
+    lines = [head]
+    medians: Dict[str, Dict[str, float]] = {}
+    for metric, label, latency in rows:
+        m = {t: summary(bench, metric, t, "(max)" in label) for t in TARGETS}
+        medians[metric] = m
+        ratio = m["openaigw"] / m["nginx"] if m["nginx"] else float("nan")
+        cells = [label] + [fmt(m[t]) for t in TARGETS] + [fmt(ratio, 2)]
+        if latency:
+            cells += [fmt(m["nginx"] - m["direct"]), fmt(m["openaigw"] - m["direct"])]
+        else:
+            cells += ["", ""]
+        lines.append(cells)
+    errors = {t: sum(sum(v.get(t, [])) for k, v in bench.raw.items() if k.endswith(".errors"))
+              for t in TARGETS}
+    lines.append(["errors (wrk + open loop)"] + [fmt(errors[t]) for t in TARGETS] + ["", "", ""])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))) for row in lines)
+    return text, medians
+
+
+def features_table(bench: Bench) -> str:
+    """Throughput of the gateway bare, as seeded, and with every check on."""
+    rows = [["wrk c=%d, same run" % bench.plan.wrk_connections, "req/s", "CPU us/req", "vs bare"]]
+    bare = summary(bench, "feat.rps", "openaigw-bare")
+    for target in FEATURE_TARGETS:
+        rps = summary(bench, "feat.rps", target)
+        rows.append([target, fmt(rps), fmt(summary(bench, "feat.cpu_us_per_req", target)),
+                     fmt(rps / bare if bare else float("nan"), 2)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(row, widths))) for row in rows)
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    if value != value:  # NaN
+        return "-"
+    if abs(value) >= 100 or float(value).is_integer():
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one short round (< 1 minute)")
+    parser.add_argument("--json", metavar="PATH", help="write the raw numbers here")
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found: apt-get install nginx-light wrk "
+                             "libnginx-mod-http-echo")
+    plan = QUICK if args.quick else FULL
+    loadgen.raise_nofile()
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {LOAD_CORE})  # the Python load generator and its children
+    else:
+        print("warning: one core only: nothing is pinned", file=sys.stderr)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up as on Ctrl-C
+    started = time.monotonic()
+    tmp = tempfile.mkdtemp(prefix="openaigw-bench-")
+    bench = Bench(plan, tmp)
+    try:
+        bench.start()
+        print(f"upstream :{bench.ports['direct']}  nginx proxy :{bench.ports['nginx']}  "
+              f"openaigw :{bench.ports['openaigw']}", flush=True)
+        bench.rounds("tput", bench.throughput)
+        bench.rounds("rate", bench.fixed_rate)
+        bench.rounds("fast", bench.fast_streams)
+        bench.rounds("slow", bench.slow_streams)
+        bench.rounds("feat", bench.throughput, FEATURE_TARGETS)
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted; logs kept in {tmp}")
+    except BaseException:
+        print(f"failed; logs kept in {tmp}", file=sys.stderr)
+        raise
+    finally:
+        bench.stop()
+    text, medians = table(bench)
+    print(f"\nmedians of {plan.rounds} round(s); +X = X - direct; "
+          f"total {time.monotonic() - started:.0f}s\n")
+    print(text)
+    print("\n" + features_table(bench))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"plan": dataclasses.asdict(plan), "median": medians,
+                       "rounds": bench.raw}, f, indent=1)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
