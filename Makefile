@@ -4,7 +4,7 @@ VENV := .venv
 FLOOR := .venv-floor
 # Debian bookworm's own packages: the oldest versions we support.
 FLOOR_DEBS := python3-twisted python3-openssl python3-service-identity \
-	python3-zope.interface python3-prometheus-client python3-pytest python3-venv
+	python3-zope.interface python3-prometheus-client python3-pytest python3-treq python3-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test test-latest test-floor demo check bench clean

@@ -55,9 +55,6 @@ class GatewayRequest(Request):
     """
 
     defaultContentType = None
-    # Twisted (22.8+) would parse every POST's Content-Type to look for HTML form
-    # submissions (~90 us per request); a proxy has no use for request.args.
-    _parsePOSTFormSubmission = False
     _rejected = False
     _received = 0
     routed = False
@@ -164,6 +161,10 @@ class GatewaySite(Site):
         self, resource: IResource, clock: Any, max_body_size: int, telemetry: Optional[Telemetry] = None
     ) -> None:
         super().__init__(resource)
+        # Recent Twisted parses every POST's Content-Type with the email package to
+        # look for HTML form submissions (~90 us a request); a proxy has no use for
+        # request.args, and Twisted reads this from the site (it is not in 22.4).
+        self._parsePOSTFormSubmission = False
         self.clock = clock
         self.max_body_size = max_body_size
         self.telemetry = telemetry or Telemetry()

@@ -25,7 +25,7 @@ from twisted.web.client import (
     RequestTransmissionFailed,
     ResponseNeverReceived,
 )
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from openaigw import errors
@@ -208,7 +208,15 @@ def _cancelled(failure_or_error: Any) -> bool:
 class Upstream:
     """One ``[upstream:NAME]``: its connection pool, balancer and request policy."""
 
-    def __init__(self, reactor: Any, config: UpstreamConfig, telemetry: Optional[Telemetry] = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: UpstreamConfig,
+        telemetry: Optional[Telemetry] = None,
+        agent: Optional[IAgent] = None,
+    ) -> None:
+        """``agent`` defaults to a pooled Agent connecting through :class:`NodeEndpoint`;
+        it is asked for ``<scheme>://n<node index>:<port><path>``."""
         self.config = config
         self._reactor = reactor
         self._telemetry = telemetry or Telemetry()
@@ -218,7 +226,7 @@ class Upstream:
         self.pool.maxPersistentPerHost = config.keepalive_pool
         self.pool.cachedConnectionTimeout = config.keepalive_timeout
         self.pool.retryAutomatically = False
-        self._agent = Agent.usingEndpointFactory(
+        self._agent = agent or Agent.usingEndpointFactory(
             reactor, _NodeEndpoints(reactor, config), pool=self.pool
         )
         self._scheme = config.scheme.encode("ascii")

@@ -307,3 +307,25 @@ def test_stale_pooled_connection_is_retried_once():
     assert len(gw.connects()) == 2
     gw.upstream(1).send(response())
     assert client.value().startswith(b"HTTP/1.1 200")
+
+
+def test_agent_can_be_injected():
+    """Upstream takes any IAgent: here treq's RequestTraversalAgent over an in-memory resource."""
+    from treq.testing import RequestTraversalAgent
+    from twisted.web.resource import Resource
+
+    from openaigw.upstream import Upstream
+
+    class Echo(Resource):
+        isLeaf = True
+
+        def render_POST(self, request):
+            return b"%s %s" % (request.uri, request.getHeader(b"authorization"))
+
+    gw = Gateway()
+    upstream = Upstream(gw.reactor, gw.config.upstreams["up"], agent=RequestTraversalAgent(Echo()))
+    root = gw.site.resource
+    route = next(resource for _, resource in root._exact[b"/v1/chat/completions"])
+    route._upstream = upstream
+    _, client = gw.client(post(CHAT, BODY, b"Authorization: Bearer client\r\n"))
+    assert client.value().endswith(b"/v1/chat/completions Bearer sk-real")
