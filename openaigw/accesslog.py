@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, IO, Optional
+from typing import IO, Any, Dict, List, Optional
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -96,43 +96,66 @@ def _logfmt(value: Any) -> str:
 
 @implementer(IRequestObserver)
 class AccessLog:
-    """Writes one line per finished request to ``path`` (``-``: stdout)."""
+    """Writes one line per finished request to ``path`` (``-``: stdout).
 
-    def __init__(self, path: str = "-", format: str = "json") -> None:
+    With a ``clock``, lines are gathered and written together at most
+    ``FLUSH_SECONDS`` later (one write instead of one per request, as nginx's
+    ``flush=``); without one, each line is written at once.
+    """
+
+    FLUSH_SECONDS = 0.1
+
+    def __init__(self, path: str = "-", format: str = "json", clock: Any = None) -> None:
         self.path = path
         self.format = format
+        self._clock = clock
         self._file: Optional[IO[str]] = None
+        self._lines: List[str] = []
+        self._flushing: Any = None
         self._log = Logger(namespace="openaigw.access", observer=self._write)
         self.reopen()
 
     def reopen(self) -> None:
         """Close and open the file again (after logrotate moved it)."""
+        self.flush()
         if self.path == "-":
             # The process's real stdout: twistd replaces sys.stdout with a logger.
             self._file = sys.__stdout__
             return
-        old, self._file = self._file, open(self.path, "a", encoding="utf-8", buffering=1)
+        old, self._file = self._file, open(self.path, "a", encoding="utf-8")
         if old is not None:
             old.close()
 
     def close(self) -> None:
+        self.flush()
         if self._file is not None and self._file is not sys.__stdout__:
             self._file.close()
         self._file = None
 
+    def flush(self) -> None:
+        """Write out the lines gathered so far."""
+        if self._flushing is not None and self._flushing.active():
+            self._flushing.cancel()
+        self._flushing = None
+        lines, self._lines = self._lines, []
+        if lines and self._file is not None:
+            self._file.write("".join(lines))
+            self._file.flush()
+
     def request_finished(self, record: AccessRecord) -> None:
-        self._log.info("{method} {path} {status}", **record.fields())
+        self._log.info("{method} {path} {status}", method=record.method, path=record.path,
+                       status=record.status, record=record)
 
     def _write(self, event: Dict[str, Any]) -> None:
-        fields = {key: event[key] for key in _KEYS}
+        fields = event["record"].fields()
         if self.format == "json":
             line = json.dumps(fields, separators=(",", ":"))
         else:
             line = " ".join(f"{key}={_logfmt(value)}" for key, value in fields.items())
-        if self._file is not None:
-            self._file.write(line + "\n")
-            if self._file is sys.__stdout__:
-                self._file.flush()
+        self._lines.append(line + "\n")
+        if self._clock is None:
+            self.flush()
+        elif self._flushing is None:
+            self._flushing = self._clock.callLater(self.FLUSH_SECONDS, self.flush)
 
 
-_KEYS = tuple(AccessRecord(0.0).fields())

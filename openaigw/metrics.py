@@ -7,7 +7,7 @@ configuration; a model becomes a label value only once an upstream answered it w
 
 from __future__ import annotations
 
-from typing import Set
+from typing import Any, Dict, Set, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
@@ -50,6 +50,16 @@ class Metrics:
         )
         self._model_cap = model_cap
         self._models: Set[str] = set()
+        self._children: Dict[Tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: label values are bounded, and the
+        lookup is most of the cost of counting."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _model(self, record: AccessRecord) -> str:
         model = record.model
@@ -66,25 +76,25 @@ class Metrics:
     def request_finished(self, record: AccessRecord) -> None:
         route = record.route or ""
         consumer = record.consumer or ""
-        self.requests.labels(route, consumer, str(record.status)).inc()
-        self.duration.labels(route).observe(record.duration)
+        self._child(self.requests, route, consumer, str(record.status)).inc()
+        self._child(self.duration, route).observe(record.duration)
         if record.ttfb is not None:
-            self.ttfb.labels(route).observe(record.ttfb)
+            self._child(self.ttfb, route).observe(record.ttfb)
         if record.limit is not None:
-            self.rejections.labels(route, record.limit).inc()
+            self._child(self.rejections, route, record.limit).inc()
         usage = record.usage
         if usage is not None:
             model = self._model(record)
             if usage.prompt_tokens:
-                self.tokens.labels(route, consumer, model, "prompt").inc(usage.prompt_tokens)
+                self._child(self.tokens, route, consumer, model, "prompt").inc(usage.prompt_tokens)
             if usage.completion_tokens:
-                self.tokens.labels(route, consumer, model, "completion").inc(usage.completion_tokens)
+                self._child(self.tokens, route, consumer, model, "completion").inc(usage.completion_tokens)
 
     def upstream_failed(self, upstream: str, node: str, reason: str) -> None:
-        self.upstream_failures.labels(upstream, node, reason).inc()
+        self._child(self.upstream_failures, upstream, node, reason).inc()
 
     def stream_opened(self, route: str) -> None:
-        self.streams.labels(route).inc()
+        self._child(self.streams, route).inc()
 
     def stream_closed(self, route: str) -> None:
-        self.streams.labels(route).dec()
+        self._child(self.streams, route).dec()

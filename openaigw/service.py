@@ -91,7 +91,7 @@ class GatewayService(Service):
         if gateway.access_log is None:
             self.telemetry.access_log = None
         elif old is None or (old.path, old.format) != (gateway.access_log, gateway.access_log_format):
-            self.telemetry.access_log = AccessLog(gateway.access_log, gateway.access_log_format)
+            self.telemetry.access_log = AccessLog(gateway.access_log, gateway.access_log_format, self._reactor)
         if old is not None and old is not self.telemetry.access_log:
             old.close()
         if gateway.status and self.telemetry.metrics is None:

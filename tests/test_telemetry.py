@@ -150,3 +150,20 @@ def test_model_labels_are_bounded():
     models = {s.labels["model"] for m in metrics.registry.collect() if m.name == "openaigw_tokens"
               for s in m.samples}
     assert models == {"a", "b", "other"}
+
+
+def test_access_log_gathers_lines_for_a_moment(tmp_path):
+    """With a clock, lines are written together within FLUSH_SECONDS, and on close."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path), clock=clock)
+    for status in (200, 404):
+        log.request_finished(AccessRecord(started=0.0, status=status))
+    assert path.read_text() == ""
+    clock.advance(AccessLog.FLUSH_SECONDS)
+    assert [json.loads(line)["status"] for line in path.read_text().splitlines()] == [200, 404]
+    log.request_finished(AccessRecord(started=0.0, status=500))
+    log.close()
+    assert len(path.read_text().splitlines()) == 3
