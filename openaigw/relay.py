@@ -223,7 +223,8 @@ class RouteResource(Resource):
         if exchange.meter_usage and 200 <= head.code < 300:
             encoding = head.headers.getRawHeaders(b"content-encoding", [b""])[0]
             meter = UsageMeter(
-                content_type, encoding, exchange.strip_usage, estimate_prompt_tokens(exchange.json())
+                content_type, encoding, exchange.strip_usage,
+                lambda: estimate_prompt_tokens(exchange.json()),
             )
             exchange.meter = meter
         if isinstance(response.length, int) and not exchange.strip_usage:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from openaigw.sse import EventSplitter, event_data
 
@@ -88,7 +88,7 @@ class UsageMeter:
         content_type: bytes,
         content_encoding: bytes,
         strip_usage: bool,
-        prompt_estimate: int,
+        prompt_estimate: Callable[[], int],
     ) -> None:
         media = content_type.split(b";", 1)[0].strip().lower()
         self._sse = media == b"text/event-stream"
@@ -171,5 +171,5 @@ class UsageMeter:
         if self._found is not None:
             return self._found
         completion = self._events if self._sse else self._bytes // 4
-        prompt = self._prompt_estimate
+        prompt = self._prompt_estimate()
         return Usage(prompt, completion, prompt + completion, estimated=True)

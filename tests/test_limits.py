@@ -394,7 +394,7 @@ def test_usage_found_at_every_split():
     expected = None
     for cut in range(len(stream) + 1):
         for cut2 in (cut, min(len(stream), cut + 7)):
-            meter = UsageMeter(b"text/event-stream; charset=utf-8", b"", True, 0)
+            meter = UsageMeter(b"text/event-stream; charset=utf-8", b"", True, lambda: 0)
             out = meter.feed(stream[:cut]) + meter.feed(stream[cut:cut2]) + meter.feed(stream[cut2:])
             out += meter.finish(True)
             assert meter.usage().total_tokens == 9 and not meter.usage().estimated

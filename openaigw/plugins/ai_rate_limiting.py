@@ -55,7 +55,7 @@ class TokenFilter(LimitFilter):
         exchange.meter_usage = True
         # Usage is read from the bytes as they pass: ask for them uncompressed.
         exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])
-        body = exchange.json()
+        body = exchange.json() if b'"stream"' in exchange.body else None  # parse streams only
         if isinstance(body, dict) and ask_for_usage(body):
             exchange.set_json(body)
             exchange.strip_usage = True
