@@ -78,6 +78,9 @@ class AccessRecord:
         }
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps makes one a call
+
+
 def _iso(when: float) -> str:
     seconds = int(when)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((when - seconds) * 1000):03d}Z"
@@ -149,7 +152,7 @@ class AccessLog:
     def _write(self, event: Dict[str, Any]) -> None:
         fields = event["record"].fields()
         if self.format == "json":
-            line = json.dumps(fields, separators=(",", ":"))
+            line = _JSON.encode(fields)
         else:
             line = " ".join(f"{key}={_logfmt(value)}" for key, value in fields.items())
         self._lines.append(line + "\n")
