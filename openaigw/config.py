@@ -352,37 +352,41 @@ def _check_endpoint(section: Section, key: str, description: str) -> None:
     if description.startswith("systemd:"):
         # Parsing it would look up the inherited sockets, which exist only under systemd.
         if not re.fullmatch(r"systemd:domain=(INET|INET6|UNIX):index=\d+", description):
-            raise section.error(key, f"{description!r}: expected systemd:domain=INET:index=N")
+            raise section.error(key, f"{section.raw(key)!r}: expected systemd:domain=INET:index=N")
         return
     try:
         serverFromString(MemoryReactor(), description)
     except Exception as e:  # the parsers raise whatever they meet
-        raise section.error(key, f"{description!r}: {e}") from None
+        # Quote the value as written: the description may hold a resolved secret.
+        raise section.error(key, f"{section.raw(key)!r}: {type(e).__name__}") from None
 
 
 def _nodes(section: Section, scheme: str) -> Tuple[Node, ...]:
     nodes = []
     default_port = 443 if scheme == "https" else 80
-    for line in section.require("nodes").splitlines():
+    hidden = secrets.has_reference(section.raw("nodes")) if "nodes" in section else False
+    for number, line in enumerate(section.require("nodes").splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
+        shown = f"line {number}" if hidden else repr(line.strip())  # never a resolved secret
         if len(parts) > 2:
-            raise section.error("nodes", f"{line.strip()!r}: expected 'host:port weight'")
-        address = parts[0]
-        match = re.fullmatch(r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::(?P<p6>\d+))?|(?P<host>[^:\[\]/]+)(?::(?P<port>\d+))?", address)
+            raise section.error("nodes", f"{shown}: expected 'host:port weight'")
+        match = re.fullmatch(
+            r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::(?P<p6>\d+))?|(?P<host>[^:\[\]/]+)(?::(?P<port>\d+))?", parts[0]
+        )
         if match is None:
-            raise section.error("nodes", f"{address!r} is not host:port")
+            raise section.error("nodes", f"{shown}: not host:port")
         host = match.group("v6") or match.group("host")
         port = int(match.group("p6") or match.group("port") or default_port)
         if not 0 < port < 65536:
-            raise section.error("nodes", f"{address!r}: port out of range")
+            raise section.error("nodes", f"{shown}: port out of range")
         try:
             weight = int(parts[1]) if len(parts) == 2 else 1
         except ValueError:
-            raise section.error("nodes", f"{line.strip()!r}: the weight must be a whole number") from None
+            raise section.error("nodes", f"{shown}: the weight must be a whole number") from None
         if weight < 0:
-            raise section.error("nodes", f"{line.strip()!r}: the weight must not be negative")
+            raise section.error("nodes", f"{shown}: the weight must not be negative")
         nodes.append(Node(host.lower(), port, weight))
     if not any(node.weight for node in nodes):
         raise section.error("nodes", "needs at least one node with a weight above 0")

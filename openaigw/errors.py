@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from typing import Mapping, Optional
 
 from twisted.web.http import Request
@@ -45,7 +46,7 @@ def write_error(request: Request, error: GatewayError) -> None:
         record.error = error.reason
         record.limit = error.limit
     body = error.body()
-    request.setResponseCode(error.status)
+    request.setResponseCode(error.status, HTTPStatus(error.status).phrase.encode("ascii"))
     headers = request.responseHeaders
     headers.removeHeader(b"server")
     headers.setRawHeaders(b"content-type", [b"application/json"])

@@ -53,7 +53,7 @@ class Exchange:
         if self._json is _UNPARSED:
             try:
                 self._json = json.loads(self.body) if self.body else None
-            except ValueError:
+            except (ValueError, RecursionError):
                 self._json = None
         return self._json
 

@@ -48,10 +48,11 @@ class BodyRelay(Protocol):
     """Writes each upstream read to the client as it arrives.
 
     Registered as the client's producer: a slow client pauses reading from the
-    upstream.  ``timeout`` bounds the upstream's silence while not paused.  A
-    ``meter`` sees every read (and may hold back bytes the client must not get).
-    ``done`` fires when the body has ended either way; cancelling it closes the
-    upstream connection.
+    upstream.  One timer of ``timeout`` seconds watches whichever side is due: the
+    upstream's silence while relaying, or the client's not reading while paused
+    (then both connections are dropped).  A ``meter`` sees every read (and may hold
+    back bytes the client must not get).  ``done`` fires when the body has ended
+    either way; cancelling it closes the upstream connection.
     """
 
     def __init__(
@@ -68,15 +69,23 @@ class BodyRelay(Protocol):
         self._meter = meter
         self._on_cut = on_cut
         self._timer: Any = None
+        self._paused = False
         self._timed_out = False
         self.done: "Deferred[None]" = Deferred(self._cancel)
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
-        self._timer = self._clock.callLater(self._timeout, self._expire)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._timeout)
+        else:
+            self._timer = self._clock.callLater(self._timeout, self._expire)
 
     def dataReceived(self, data: bytes) -> None:
-        self._timer.reset(self._timeout)
+        if not self._paused:  # reads already under way may still arrive after a pause
+            self._timer.reset(self._timeout)
         if self._meter is not None:
             data = self._meter.feed(data)
             if not data:
@@ -89,7 +98,8 @@ class BodyRelay(Protocol):
         if self.done.called:  # cancelled: the client is gone
             return
         request = self._request
-        complete = reason.check(ResponseDone, PotentialDataLoss) is not None
+        # After a timeout a close-delimited body also "ends": it is cut all the same.
+        complete = not self._timed_out and reason.check(ResponseDone, PotentialDataLoss) is not None
         rest = self._meter.finish(complete) if self._meter is not None else b""
         if getattr(request, "channel", None) is not None:
             request.unregisterProducer()
@@ -98,10 +108,16 @@ class BodyRelay(Protocol):
                     request.write(rest)
                 request.finish()
             else:
-                why = "timeout" if self._timed_out else reason.getErrorMessage()
-                log.warn("upstream body cut short ({why}): aborting the client connection", why=why)
+                if self._timed_out and self._paused:
+                    why = "client_send_timeout"
+                elif self._timed_out:
+                    why = "upstream_read_timeout"
+                else:
+                    why = "upstream_body_cut"
+                log.warn("answer cut short ({why}: {reason}): aborting the client connection",
+                         why=why, reason=reason.getErrorMessage())
                 if self._on_cut is not None:
-                    self._on_cut("upstream_read_timeout" if self._timed_out else "upstream_body_cut")
+                    self._on_cut(why)
                 abort_client(request)
         self.done.callback(None)
 
@@ -116,13 +132,14 @@ class BodyRelay(Protocol):
 
     # IPushProducer, for the client connection
     def pauseProducing(self) -> None:
+        self._paused = True
         self.transport.pauseProducing()
-        self._timer.cancel()
+        self._arm()  # now timing the client
 
     def resumeProducing(self) -> None:
+        self._paused = False
         self.transport.resumeProducing()
-        if not self._timer.active():
-            self._timer = self._clock.callLater(self._timeout, self._expire)
+        self._arm()  # timing the upstream again
 
     def stopProducing(self) -> None:
         self.transport.stopProducing()
@@ -151,11 +168,13 @@ class RouteResource(Resource):
 
     def render(self, request: IRequest) -> Any:
         scheme = b"https" if request.isSecure() else b"http"
+        _, question, query = request.uri.partition(b"?")
+        path = getattr(request, "normalized_path", request.path)
         exchange = Exchange(
             request=request,
             route=self.name,
             method=request.method,
-            path=request.uri,
+            path=path + question + query,
             headers=request_headers(request, scheme),
             body=request.content.read() if request.content is not None else b"",
         )
@@ -220,14 +239,16 @@ class RouteResource(Resource):
             record.upstream_request_id = theirs[0].decode("latin-1")[:128] if theirs else None
             record.streamed = streamed
         meter = None
-        if exchange.meter_usage and 200 <= head.code < 300:
+        if 200 <= head.code < 300:  # usage for logs and metrics; limits charge it too
             encoding = head.headers.getRawHeaders(b"content-encoding", [b""])[0]
             meter = UsageMeter(
                 content_type, encoding, exchange.strip_usage,
                 lambda: estimate_prompt_tokens(exchange.json()),
             )
             exchange.meter = meter
-        if isinstance(response.length, int) and not exchange.strip_usage:
+        if exchange.method == b"HEAD" or head.code in (204, 304) or head.code < 200:
+            pass  # no body: Twisted reports length 0, which is not the entity's length
+        elif isinstance(response.length, int) and not exchange.strip_usage:
             head.headers.setRawHeaders(b"content-length", [b"%d" % response.length])
         else:
             request.write(b"")  # a stream: the client gets the headers now, not with the first event

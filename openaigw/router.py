@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
@@ -44,7 +45,8 @@ class Router(Resource):
 
     def render(self, request: IRequest) -> Any:
         request.responseHeaders.removeHeader(b"server")
-        path = request.path
+        path = normalize(request.path)
+        request.normalized_path = path  # what routes forward upstream
         if _has_dot_segment(path):
             errors.write_error(
                 request,
@@ -63,6 +65,26 @@ class Router(Resource):
             error = errors.method_not_allowed(method, ", ".join(allowed))
         errors.write_error(request, error)
         return NOT_DONE_YET
+
+
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _unescape_unreserved(match: "re.Match[bytes]") -> bytes:
+    value = int(match.group(1), 16)
+    return bytes((value,)) if value in _UNRESERVED else b"%" + match.group(1).upper()
+
+
+def normalize(path: bytes) -> bytes:
+    """RFC 3986 normalisation, so that one resource has one path: percent-encoded
+    unreserved characters decoded (``%63`` -> ``c``), other escapes upper-cased,
+    repeated slashes folded.  Routes match, and forward, this form."""
+    if b"%" in path:
+        path = _ESCAPE.sub(_unescape_unreserved, path)
+    while b"//" in path:
+        path = path.replace(b"//", b"/")
+    return path
 
 
 def _has_dot_segment(path: bytes) -> bool:

@@ -171,8 +171,8 @@ class GatewayService(Service):
         try:
             runtime = Runtime(self._reactor, self._runtime.counters, self._runtime.buckets,
                               self._runtime.concurrency, KeyRing())
-            self._configure_telemetry(config)
             root, upstreams = build_routes(config, self._reactor, runtime, self.telemetry)
+            self._configure_telemetry(config)
         except Exception:
             log.failure("reload failed, still serving the previous configuration")
             return

@@ -197,6 +197,16 @@ class _BodyProducer:
         pass
 
 
+class _Pool(HTTPConnectionPool):
+    """A connection pool that tells whether it handed out an idle, reused connection."""
+
+    reused = False
+
+    def getConnection(self, key: Any, endpoint: Any) -> Any:
+        self.reused = bool(self._connections.get(key))
+        return super().getConnection(key, endpoint)
+
+
 def _cancelled(failure_or_error: Any) -> bool:
     """Whether an agent error is the result of cancelling the request."""
     if isinstance(failure_or_error, CancelledError):
@@ -222,7 +232,7 @@ class Upstream:
         self._telemetry = telemetry or Telemetry()
         self._balancer = RoundRobin(config.nodes)
         self._index = {node: index for index, node in enumerate(config.nodes)}
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = _Pool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = config.keepalive_pool
         self.pool.cachedConnectionTimeout = config.keepalive_timeout
         self.pool.retryAutomatically = False
@@ -248,9 +258,11 @@ class Upstream:
     async def send(self, exchange: Exchange) -> Tuple[IResponse, Node]:
         """Send ``exchange`` to a node; return the response (headers received).
 
-        Connection failures move on to the next node, up to ``retries`` times; a
-        reused keep-alive connection that the upstream had closed is retried once.
-        Raises :class:`GatewayError` (502, 504) when no response can be had.
+        A node that cannot be connected to (or whose TLS fails) is left for the next
+        one, up to ``retries`` times.  A reused keep-alive connection that the
+        upstream had closed is retried once on a new connection.  A request that
+        may have reached an upstream is never sent again.  Raises
+        :class:`GatewayError` (502, 504) when no response can be had.
         """
         tried: Set[Node] = set()
         retries_left = self.config.retries
@@ -259,8 +271,9 @@ class Upstream:
         while True:
             assert node is not None
             exchange.node = node.address
+            attempt: Dict[str, bool] = {}
             try:
-                return await self._attempt(node, exchange), node
+                return await self._attempt(node, exchange, attempt), node
             except errors.GatewayError as e:
                 self._telemetry.upstream_failed(self.config.name, node.address, e.reason)
                 raise
@@ -268,15 +281,21 @@ class Upstream:
                 if _cancelled(e):
                     raise CancelledError() from None
                 log.warn(
-                    "upstream {upstream} node {node}: connection lost before the response: {reason}",
+                    "upstream {upstream} node {node}: connection lost before the response"
+                    " ({connection} connection): {reason}",
                     upstream=self.config.name, node=node.address, reason=_describe(e),
+                    connection="reused" if attempt.get("reused") else "new",
                 )
                 failure = errors.bad_gateway("The upstream server closed the connection", "closed")
                 self._telemetry.upstream_failed(self.config.name, node.address, failure.reason)
-                if stale_retry:
+                if attempt.get("reused") and stale_retry:
+                    # Idle connections the upstream closed: those idle as long may be too.
                     stale_retry = False
+                    self.pool.closeCachedConnections()
                     exchange.retries += 1
-                    continue  # same node, new connection
+                    continue  # same node, a new connection
+                if isinstance(e, ResponseNeverReceived):
+                    raise failure  # the upstream may have the request: not sent again
             except CancelledError:
                 raise
             except Exception as e:
@@ -295,7 +314,7 @@ class Upstream:
                 raise failure
             exchange.retries += 1
 
-    async def _attempt(self, node: Node, exchange: Exchange) -> IResponse:
+    async def _attempt(self, node: Node, exchange: Exchange, attempt: Dict[str, bool]) -> IResponse:
         headers = exchange.headers
         host = self._host_header(node, exchange)
         if host is None:
@@ -323,7 +342,9 @@ class Upstream:
         else:
             # Without a body there is no such signal: the timer also covers connecting.
             arm(self.config.timeout_read + self.config.timeout_connect)
+        self.pool.reused = False
         pending = self._agent.request(exchange.method, uri, headers, producer)
+        attempt["reused"] = self.pool.reused  # set by the pool, synchronously
         try:
             return await pending  # type: ignore[no-any-return]
         except Exception as e:

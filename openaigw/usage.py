@@ -10,6 +10,8 @@ from typing import Any, Callable, Dict, List, Optional
 from openaigw.sse import EventSplitter, event_data
 
 JSON_COPY_LIMIT = 16 << 20  # bytes of a JSON answer kept to read its usage
+EVENT_LIMIT = 1 << 20  # an unfinished event longer than this: stop looking (estimate)
+DECODE_LIMIT = 1 << 20  # bytes one compressed read may expand to before we stop looking
 _NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
 
 
@@ -26,8 +28,9 @@ class Usage:
 
 
 def ask_for_usage(body: Dict[str, Any]) -> bool:
-    """Make a streaming request ask for the usage chunk; True if it had not."""
-    if body.get("stream") is not True:
+    """Make a streaming chat or completions request ask for the usage chunk; True if it
+    had not.  (Other APIs, such as Responses, report usage in their streams anyway.)"""
+    if body.get("stream") is not True or not ("messages" in body or "prompt" in body):
         return False
     options = body.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
@@ -60,6 +63,17 @@ def estimate_prompt_tokens(body: Any) -> int:
             walk(body[key])
             count += len(body[key]) if isinstance(body[key], list) and key == "messages" else 0
     return chars // 4 + 4 * count
+
+
+def _usage_of(answer: Any) -> Optional[Usage]:
+    """The usage of a chat/completions answer or chunk, or of a Responses API one
+    (``response.usage`` in its stream events)."""
+    if not isinstance(answer, dict):
+        return None
+    usage = _parse_usage(answer.get("usage"))
+    if usage is None and isinstance(answer.get("response"), dict):
+        usage = _parse_usage(answer["response"].get("usage"))
+    return usage
 
 
 def _parse_usage(value: Any) -> Optional[Usage]:
@@ -115,21 +129,36 @@ class UsageMeter:
         plain = data
         if self._decoder is not None:
             try:
-                plain = self._decoder.decompress(data)
+                plain = self._decoder.decompress(data, DECODE_LIMIT)
             except zlib.error:
-                self._decoder = None
-                self._sse = self._json = False
+                self._give_up()
+                return data
+            if self._decoder.unconsumed_tail:  # expands too much (or a bomb): stop looking
+                self._give_up()
                 return data
         if self._sse:
             events = self._splitter.feed(plain)
+            if len(self._splitter.rest()) > EVENT_LIMIT:
+                held = b"".join(self._sse_event(event) for event in events)
+                held += self._splitter.rest()
+                self._give_up()
+                return held if self._strip else data
             if self._strip:
                 return b"".join(self._sse_event(event) for event in events)
             for event in events:
                 self._sse_event(event)
-        elif self._json and self._copied <= JSON_COPY_LIMIT:
+        elif self._json:
             self._copy.append(plain)
             self._copied += len(plain)
+            if self._copied > JSON_COPY_LIMIT:
+                self._give_up()
         return data
+
+    def _give_up(self) -> None:
+        """Stop inspecting (the usage will be estimated) and just relay."""
+        self._decoder = None
+        self._sse = self._json = self._strip = False
+        self._copy = []
 
     def _sse_event(self, event: bytes) -> bytes:
         if b'"usage"' not in event:
@@ -139,9 +168,9 @@ class UsageMeter:
             data = event_data(event)
             try:
                 chunk = json.loads(data) if data else None
-            except ValueError:
+            except (ValueError, RecursionError):
                 chunk = None
-            usage = _parse_usage(chunk.get("usage")) if isinstance(chunk, dict) else None
+            usage = _usage_of(chunk)
             if usage is not None:
                 self._found = usage
                 if self._strip and not chunk.get("choices"):
@@ -156,13 +185,12 @@ class UsageMeter:
     def finish(self, complete: bool) -> bytes:
         """The body ended (``complete``: cleanly); return any bytes still to relay."""
         self._complete = complete
-        if self._json and self._copied <= JSON_COPY_LIMIT and complete:
+        if self._json and complete:
             try:
                 answer = json.loads(b"".join(self._copy))
-            except ValueError:
+            except (ValueError, RecursionError):
                 answer = None
-            if isinstance(answer, dict):
-                self._found = _parse_usage(answer.get("usage"))
+            self._found = _usage_of(answer)
         self._copy = []
         return self._splitter.rest() if self._strip and complete else b""
 

@@ -436,3 +436,53 @@ def test_key_auth_needs_consumers():
     text = text.replace("limit-count.count = 3\nlimit-count.time_window = 60\n", "")
     with pytest.raises(ConfigError, match=r"\[route:chat\] key-auth: no \[consumer:NAME\] section"):
         parse(text, "gw.ini", {})
+
+
+def test_usage_is_read_without_token_limits():
+    """Tokens reach the access log and metrics on any route, not only with ai-rate-limiting."""
+    gw = Gateway(CONFIG, metrics=True)
+    gw.client(with_key(KEY_B))
+    gw.upstream(0).send(answer(completion(10, 20)))
+    assert gw.records[-1].usage.total_tokens == 30 and not gw.records[-1].usage.estimated
+
+
+def test_responses_api_usage_and_no_injection():
+    """Responses API streams carry usage in response.completed; their requests are not
+    rewritten with stream_options."""
+    from openaigw.usage import UsageMeter, ask_for_usage
+
+    assert ask_for_usage({"stream": True, "input": "hi"}) is False
+    assert ask_for_usage({"stream": True, "messages": []}) is True
+    completed = {"type": "response.completed", "response": {"usage": {
+        "input_tokens": 5, "output_tokens": 7, "total_tokens": 12}}}
+    meter = UsageMeter(b"text/event-stream", b"", False, lambda: 0)
+    meter.feed(b"event: response.completed\ndata: " + json.dumps(completed).encode() + b"\n\n")
+    meter.finish(True)
+    assert (meter.usage().prompt_tokens, meter.usage().completion_tokens) == (5, 7)
+
+
+def test_meter_gives_up_on_unbounded_input():
+    """An endless event or a compression bomb is relayed untouched and estimated, not buffered."""
+    import zlib
+
+    from openaigw.usage import DECODE_LIMIT, EVENT_LIMIT, UsageMeter
+
+    meter = UsageMeter(b"text/event-stream", b"", True, lambda: 1)
+    relayed = meter.feed(b"data: " + b"x" * (EVENT_LIMIT + 1))
+    assert len(relayed) == EVENT_LIMIT + 7 and meter.feed(b"more") == b"more"
+    assert meter.usage().estimated
+    bomb = zlib.compress(b"\0" * (DECODE_LIMIT * 8))
+    meter = UsageMeter(b"application/json", b"deflate", False, lambda: 1)
+    assert meter.feed(bomb) == bomb
+    meter.finish(True)
+    assert meter.usage().estimated
+
+
+def test_header_keys_are_hashed():
+    """A limit keyed by a header counts by its hash: a credential never becomes a counter name."""
+    config = CONFIG.replace("key-auth = on\n", "").replace(
+        "limit-count.time_window = 60", "limit-count.time_window = 60\nlimit-count.key = header:Authorization")
+    gw = Gateway(config)
+    gw.client(with_key("sk-client-canary-000000000"))
+    keys = [key for key, _ in gw.runtime.counters._counts]
+    assert len(keys) == 1 and "canary" not in keys[0] and "authorization=" in keys[0]

@@ -289,10 +289,49 @@ def test_backpressure_pauses_upstream():
     upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
     channel.pauseProducing()  # what the client transport does when its buffer is full
     assert upstream.transport.producerState == "paused"
-    gw.reactor.advance(60)  # paused by us: not an upstream timeout
+    upstream.send(b"def")  # a read already under way still arrives, and is relayed
+    assert client.value().endswith(b"abcdef")
+    gw.reactor.advance(29)
     assert not client.disconnected
     channel.resumeProducing()
     assert upstream.transport.producerState == "producing"
+    gw.reactor.advance(29)  # the upstream's silence is timed afresh
+    assert not client.disconnected
+
+
+def test_client_that_stops_reading_is_dropped():
+    """A client that reads nothing for timeout_read seconds no longer holds the upstream."""
+    gw = Gateway()
+    channel, client = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+    channel.pauseProducing()
+    gw.reactor.advance(30)
+    assert upstream.transport.producerState == "stopped"
+    upstream.protocol.connectionLost(Failure(ConnectionDone()))
+    assert client.disconnected
+    assert gw.records[0].error == "client_send_timeout"
+
+
+def test_idle_timeout_on_close_delimited_body_is_a_cut():
+    """A body that ends with the connection is still cut, not complete, after a timeout."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\ndata: 1\n\n")
+    gw.reactor.advance(30)
+    upstream.protocol.connectionLost(Failure(ConnectionDone()))
+    assert client.disconnected
+    assert gw.records[0].error == "upstream_read_timeout"
+
+
+def test_request_that_reached_the_upstream_is_not_resent():
+    """A new connection lost after the request was sent: 502, and no other node gets it."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY))
+    gw.upstream(0).protocol.connectionLost(Failure(ConnectionDone()))
+    assert client.value().startswith(b"HTTP/1.1 502")
+    assert gw.requests_sent() == 1
 
 
 def test_stale_pooled_connection_is_retried_once():
@@ -329,3 +368,31 @@ def test_agent_can_be_injected():
     route._upstream = upstream
     _, client = gw.client(post(CHAT, BODY, b"Authorization: Bearer client\r\n"))
     assert client.value().endswith(b"/v1/chat/completions Bearer sk-real")
+
+
+def test_stale_retry_opens_a_new_connection():
+    """After a stale reused connection, the retry does not take another idle (stale) one."""
+    gw = Gateway(BASE_CONFIG.replace("    10.0.0.2:8080 1\n", "").replace("retries = 1", "retries = 0"))
+    _, first = gw.client(post(CHAT, BODY))
+    _, second = gw.client(post(CHAT, BODY))
+    gw.upstream(0).send(response())
+    gw.upstream(1).send(response())
+    _, client = gw.client(post(CHAT, BODY))
+    gw.upstream(0).protocol.connectionLost(Failure(ConnectionDone()))
+    assert len(gw.connects()) == 3  # a new one, not idle connection 1
+    assert gw.upstream(1).transport.disconnecting  # the other idle connection was closed
+    gw.upstream(2).send(response())
+    assert client.value().startswith(b"HTTP/1.1 200")
+
+
+def test_paths_are_normalised_before_routing():
+    """/v1/chat/%63ompletions and //v1//chat/completions are the chat route (its plugins
+    apply), and are forwarded in normal form."""
+    gw = Gateway()
+    gw.client(post(b"/v1/chat/%63ompletions?x=%2F", BODY, b"Authorization: Bearer client\r\n"))
+    sent = gw.upstream(0).received()
+    assert sent.startswith(b"POST /v1/chat/completions?x=%2F HTTP/1.1")
+    assert b"Authorization: Bearer sk-real" in sent  # the chat route's rewrite applied
+    from openaigw.router import normalize
+    assert normalize(b"//v1//chat/completions") == b"/v1/chat/completions"
+    assert normalize(b"/a%2fb%7e%41") == b"/a%2Fb~A"

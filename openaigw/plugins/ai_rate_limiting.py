@@ -71,8 +71,10 @@ class TokenFilter(LimitFilter):
         self._store.add(key, self._settings.time_window, tokens)
         if usage.estimated:
             log.info(
-                "charged an estimate of {tokens} {strategy} to {key}: the answer had no usage",
-                tokens=tokens, strategy=self._settings.strategy, key=key,
+                "charged an estimate of {tokens} {strategy} ({scope}, consumer {consumer}):"
+                " the answer had no usage",
+                tokens=tokens, strategy=self._settings.strategy, scope=self._scope,
+                consumer=exchange.consumer,
             )
 
 

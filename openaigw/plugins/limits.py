@@ -7,6 +7,7 @@ consumer across all routes.  Rejections are 429s the OpenAI SDKs understand.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -44,8 +45,9 @@ class LimitKey:
             return f"{prefix}|consumer={exchange.consumer}"
         if self.kind == "header":
             values = exchange.request.requestHeaders.getRawHeaders(self.header)
-            if values and values[0]:
-                return f"{prefix}|{self.header.decode()}={values[0].decode('latin-1')}"
+            if values and values[0]:  # hashed: the header may carry a credential
+                digest = hashlib.sha256(values[0]).hexdigest()[:32]
+                return f"{prefix}|{self.header.decode()}={digest}"
         return f"{prefix}|addr={exchange.client_address}"  # also when the header is missing
 
 
@@ -67,7 +69,9 @@ def parse_key(options: PluginOptions) -> LimitKey:
         return LimitKey(value)
     if value.startswith("header:") and _HEADER_NAME.fullmatch(value[7:]):
         return LimitKey("header", value[7:].lower().encode("ascii"))
-    raise options.error("key", f"{value!r} is not consumer, remote_addr, route or header:NAME")
+    raise options.error(
+        "key", f"{options.section.raw(options.key('key'))!r} is not consumer, remote_addr, route or header:NAME"
+    )
 
 
 def check_options(options: PluginOptions, known: Tuple[str, ...]) -> None:
