@@ -228,6 +228,9 @@ class RouteResource(Resource):
         theirs = head.headers.getRawHeaders(b"x-request-id")
         if ours:  # the upstream's own id passes through; ours goes beside it
             head.headers.setRawHeaders(b"x-gateway-request-id" if theirs else b"x-request-id", ours)
+        channel = getattr(request, "channel", None)
+        if channel is not None and not channel.persistent:  # closing after this answer
+            head.headers.setRawHeaders(b"connection", [b"close"])
         request.responseHeaders = head.headers
         content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
         streamed = content_type.lower().startswith(b"text/event-stream")

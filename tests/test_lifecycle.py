@@ -55,6 +55,7 @@ def test_drain_closes_idle_waits_for_busy_then_aborts():
     assert idle.disconnecting and not busy.disconnecting and not done.called
     gw.upstream(0).send(response())  # the busy request is answered: its connection closes
     assert busy.value().startswith(b"HTTP/1.1 200") and busy.disconnecting
+    assert b"Connection: close" in busy.value()  # and the client is told so
     busy_channel.connectionLost(Failure(ConnectionDone()))
     gw.reactor.advance(10)
     assert slow.disconnected  # aborted after the timeout
