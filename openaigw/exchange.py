@@ -23,8 +23,9 @@ class Exchange:
     ``method``, ``path`` (with its query string), ``headers`` and ``body`` are what will
     be sent upstream; request filters change them in place.  Filters also name the
     ``consumer``, add ``response_headers`` (sent with the answer, the gateway's own
-    errors included), ask for the token ``usage`` to be metered, and register
-    callbacks to run when the exchange is over, however it ends.
+    errors included), ask for the usage chunk to be kept from the client
+    (``strip_usage``), and register callbacks to run when the exchange is over,
+    however it ends.  ``meter`` reads the answer's token usage.
     """
 
     request: IRequest
@@ -35,7 +36,6 @@ class Exchange:
     body: bytes
     consumer: Optional[str] = None
     response_headers: Dict[bytes, bytes] = field(default_factory=dict)
-    meter_usage: bool = False
     strip_usage: bool = False
     meter: Optional[UsageMeter] = None
     node: Optional[str] = None  # the upstream node (last) tried

@@ -25,6 +25,7 @@ from openaigw.telemetry import Telemetry
 from openaigw.upstream import Upstream
 from openaigw.usage import UsageMeter, estimate_prompt_tokens
 
+log = Logger()
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,100})"')
 
 
@@ -32,8 +33,6 @@ def _model(exchange: Exchange) -> Optional[str]:
     """The request's model, for logs and metrics: a cheap look at the body's start."""
     match = _MODEL.search(exchange.body, 0, 4096)
     return match.group(1).decode("utf-8", "replace") if match else None
-
-log = Logger()
 
 
 def abort_client(request: IRequest) -> None:

@@ -52,7 +52,6 @@ class TokenFilter(LimitFilter):
         if used >= s.limit:
             what = f"tokens ({s.limit} {s.strategy} per {s.time_window}s, {label(self._scope)})"
             raise too_many("tokens", what, reset, "ai-rate-limiting")
-        exchange.meter_usage = True
         # Usage is read from the bytes as they pass: ask for them uncompressed.
         exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])
         body = exchange.json() if b'"stream"' in exchange.body else None  # parse streams only
