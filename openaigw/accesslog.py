@@ -81,9 +81,15 @@ class AccessRecord:
 _JSON = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps makes one a call
 
 
+_second: List[Any] = [None, ""]  # the last second formatted, and its text
+
+
 def _iso(when: float) -> str:
+    """UTC, to the millisecond (the second's text is formatted once a second)."""
     seconds = int(when)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((when - seconds) * 1000):03d}Z"
+    if _second[0] != seconds:
+        _second[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
+    return f"{_second[1]}.{int((when - seconds) * 1000):03d}Z"
 
 
 def _logfmt(value: Any) -> str:
