@@ -22,11 +22,9 @@ from openaigw.plugins.limits import (
     LimitFilter,
     LimitKey,
     check_options,
-    label,
     parse_key,
     report,
     required_number,
-    too_many,
 )
 from openaigw.usage import ask_for_usage
 
@@ -44,14 +42,15 @@ class TokenSettings:
 
 @implementer(IRequestFilter)
 class TokenFilter(LimitFilter):
+    plugin = "ai-rate-limiting"
+
     def filter_request(self, exchange: Exchange) -> None:
         s = self._settings
-        key = s.key.of("ai-rate-limiting", self._scope, exchange)
+        key = self._key(exchange)
         used, reset = self._store.peek(key, s.time_window)
         report(exchange, TOKEN_HEADERS, s.limit, max(0, s.limit - used), reset)
         if used >= s.limit:
-            what = f"tokens ({s.limit} {s.strategy} per {s.time_window}s, {label(self._scope)})"
-            raise too_many("tokens", what, reset, "ai-rate-limiting")
+            raise self._rejected("tokens", f"{s.limit} {s.strategy} per {s.time_window}s", reset, "tokens")
         # Usage is read from the bytes as they pass: ask for them uncompressed.
         exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])
         body = exchange.json() if b'"stream"' in exchange.body else None  # parse streams only

@@ -89,12 +89,22 @@ def required_number(options: PluginOptions, option: str, what: str, integer: boo
 
 
 class LimitFilter:
-    """What every limit's filter holds: its settings, its state store and its scope."""
+    """What every limit's filter holds: its settings, its state store and its scope;
+    ``plugin`` (the plugin's name) keeps its counters apart from other limits'."""
+
+    plugin = ""
 
     def __init__(self, settings: Any, store: Any, scope: str) -> None:
         self._settings = settings
         self._store = store
         self._scope = scope
+
+    def _key(self, exchange: Exchange) -> str:
+        return str(self._settings.key.of(self.plugin, self._scope, exchange))
+
+    def _rejected(self, what: str, detail: str, retry_after: float, kind: str = "requests") -> GatewayError:
+        """The 429 for this limit: "``what`` (``detail``, route NAME)"."""
+        return too_many(kind, f"{what} ({detail}, {label(self._scope)})", retry_after, self.plugin)
 
 
 def report(exchange: Exchange, names: Tuple[bytes, bytes, bytes], limit: int, remaining: int,
@@ -133,13 +143,14 @@ class CountSettings:
 
 @implementer(IRequestFilter)
 class CountFilter(LimitFilter):
+    plugin = "limit-count"
+
     def filter_request(self, exchange: Exchange) -> None:
         limit, window = self._settings.count, self._settings.time_window
-        used, reset = self._store.add(self._settings.key.of("limit-count", self._scope, exchange), window, 1)
+        used, reset = self._store.add(self._key(exchange), window, 1)
         report(exchange, REQUEST_HEADERS, limit, max(0, limit - used), reset)
         if used > limit:
-            what = f"requests ({limit} per {window}s, {label(self._scope)})"
-            raise too_many("requests", what, reset, "limit-count")
+            raise self._rejected("requests", f"{limit} per {window}s", reset)
 
 
 @implementer(IPlugin)
@@ -168,16 +179,17 @@ class ReqSettings:
 
 @implementer(IRequestFilter)
 class ReqFilter(LimitFilter):
+    plugin = "limit-req"
+
     def __init__(self, settings: ReqSettings, runtime: Any, scope: str) -> None:
         super().__init__(settings, runtime.buckets, scope)
         self._clock = runtime.clock
 
     def filter_request(self, exchange: Exchange) -> Optional[Any]:
         s = self._settings
-        admitted, seconds = self._store.take(s.key.of("limit-req", self._scope, exchange), s.rate, s.burst)
+        admitted, seconds = self._store.take(self._key(exchange), s.rate, s.burst)
         if not admitted:
-            what = f"requests ({s.rate:g}/s, burst {s.burst:g}, {label(self._scope)})"
-            raise too_many("requests", what, seconds, "limit-req")
+            raise self._rejected("requests", f"{s.rate:g}/s, burst {s.burst:g}", seconds)
         if seconds > 0 and not s.nodelay:
             return deferLater(self._clock, seconds, lambda: None)  # cancelled if the client leaves
         return None
@@ -208,11 +220,12 @@ class ConnSettings:
 
 @implementer(IRequestFilter)
 class ConnFilter(LimitFilter):
+    plugin = "limit-conn"
+
     def filter_request(self, exchange: Exchange) -> None:
-        key = self._settings.key.of("limit-conn", self._scope, exchange)
+        key = self._key(exchange)
         if not self._store.acquire(key, self._settings.conn):
-            what = f"concurrent requests ({self._settings.conn}, {label(self._scope)})"
-            raise too_many("requests", what, 1, "limit-conn")
+            raise self._rejected("concurrent requests", str(self._settings.conn), 1)
         exchange.on_complete(lambda _: self._store.release(key))
 
 
