@@ -84,19 +84,23 @@ class GatewayRequest(Request):
             return
         super().requestReceived(command, path, version)
 
-    def process(self) -> None:
+    def _describe(self, method: bytes, path: bytes) -> None:
+        """Fill in the access record's request side (``path``: never the query string)."""
         record = self.access
         record.request_id = request_id(self.requestHeaders).decode("ascii")
-        record.method = self.method.decode("ascii", "replace")
-        record.path = self.path.decode("utf-8", "replace")  # never the query string
+        record.method = method.decode("ascii", "replace")
+        record.path = path.decode("utf-8", "replace")
         record.client = getattr(self.getClientAddress(), "host", "") or ""
         record.bytes_in = self._received
-        self.responseHeaders.setRawHeaders(b"x-request-id", [record.request_id.encode("ascii")])
+
+    def process(self) -> None:
+        self._describe(self.method, self.path)
+        self.responseHeaders.setRawHeaders(b"x-request-id", [self.access.request_id.encode("ascii")])
         super().process()
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
-            self.access.ttfb = self.channel.site.clock.seconds() - self.access.started
+            self.access.ttfb = self._site.clock.seconds() - self.access.started
         super().write(data)
 
     def finish(self) -> None:
@@ -135,18 +139,13 @@ class GatewayRequest(Request):
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
         )
         site.clock.callLater(_DISCARD_SECONDS, transport.loseConnection)
-        record = self.access
-        record.request_id = request_id(self.requestHeaders).decode("ascii")
         # The request line is known to the channel only, as yet (private, but stable).
-        record.method = getattr(self.channel, "_command", b"").decode("ascii", "replace")
-        record.path = getattr(self.channel, "_path", b"").split(b"?")[0].decode("utf-8", "replace")
-        record.client = getattr(self.getClientAddress(), "host", "") or ""
-        record.bytes_in = self._received
-        record.status, record.error = 413, error.reason
-        self.routed = True  # reported here, whatever happens next
-        self._reported = True
-        record.duration = site.clock.seconds() - record.started
-        site.telemetry.request_finished(record)
+        self._describe(
+            getattr(self.channel, "_command", b""), getattr(self.channel, "_path", b"").split(b"?")[0]
+        )
+        self.setResponseCode(413)  # what report() logs: the answer went out raw, above
+        self.access.error = error.reason
+        self.report()
 
 
 class GatewaySite(Site):
