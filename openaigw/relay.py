@@ -258,14 +258,13 @@ class RouteResource(Resource):
             request, self._clock, self._upstream.config.timeout_read, meter, self._cut(exchange)
         )
         response.deliverBody(relay)
-        if not streamed:
-            await relay.done
-            return
-        self._telemetry.stream_opened(self.name)
+        if streamed:
+            self._telemetry.stream_opened(self.name)
         try:
             await relay.done
         finally:
-            self._telemetry.stream_closed(self.name)
+            if streamed:
+                self._telemetry.stream_closed(self.name)
 
     def _cut(self, exchange: Exchange) -> Any:
         def cut(reason: str) -> None:

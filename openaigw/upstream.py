@@ -278,8 +278,7 @@ class Upstream:
                 self._telemetry.upstream_failed(self.config.name, node.address, e.reason)
                 raise
             except (ResponseNeverReceived, RequestTransmissionFailed) as e:
-                if _cancelled(e):
-                    raise CancelledError() from None
+                # (_attempt has turned a cancellation into CancelledError already)
                 log.warn(
                     "upstream {upstream} node {node}: connection lost before the response"
                     " ({connection} connection): {reason}",

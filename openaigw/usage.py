@@ -120,7 +120,6 @@ class UsageMeter:
         self._events = 0
         self._bytes = 0
         self._found: Optional[Usage] = None
-        self._complete = False
         self._prompt_estimate = prompt_estimate
 
     def feed(self, data: bytes) -> bytes:
@@ -137,16 +136,13 @@ class UsageMeter:
                 self._give_up()
                 return data
         if self._sse:
-            events = self._splitter.feed(plain)
+            kept = [self._sse_event(event) for event in self._splitter.feed(plain)]
             if len(self._splitter.rest()) > EVENT_LIMIT:
-                held = b"".join(self._sse_event(event) for event in events)
-                held += self._splitter.rest()
+                strip, rest = self._strip, self._splitter.rest()
                 self._give_up()
-                return held if self._strip else data
+                return b"".join(kept) + rest if strip else data
             if self._strip:
-                return b"".join(self._sse_event(event) for event in events)
-            for event in events:
-                self._sse_event(event)
+                return b"".join(kept)
         elif self._json:
             self._copy.append(plain)
             self._copied += len(plain)
@@ -184,7 +180,6 @@ class UsageMeter:
 
     def finish(self, complete: bool) -> bytes:
         """The body ended (``complete``: cleanly); return any bytes still to relay."""
-        self._complete = complete
         if self._json and complete:
             try:
                 answer = json.loads(b"".join(self._copy))
