@@ -39,8 +39,11 @@ class GatewayError(Exception):
         return json.dumps({"error": error}).encode("utf-8") + b"\n"
 
 
-def write_error(request: Request, error: GatewayError) -> None:
-    """Send ``error`` as the whole response and finish the request."""
+def write_error(
+    request: Request, error: GatewayError, extra: Optional[Mapping[bytes, bytes]] = None
+) -> None:
+    """Send ``error`` as the whole response and finish the request; ``extra`` headers
+    (a limit's X-RateLimit-*, say) go with it."""
     record = getattr(request, "access", None)
     if record is not None:
         record.error = error.reason
@@ -53,6 +56,8 @@ def write_error(request: Request, error: GatewayError) -> None:
     headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
     for name, value in error.headers.items():
         headers.setRawHeaders(name.encode("ascii"), [value.encode("latin-1")])
+    for raw_name, raw_value in (extra or {}).items():
+        headers.setRawHeaders(raw_name, [raw_value])
     if request.method != b"HEAD":
         request.write(body)
     request.finish()

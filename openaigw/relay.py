@@ -208,10 +208,7 @@ class RouteResource(Resource):
             await run_filters(self._request_filters, exchange)
             response, node = await self._upstream.send(exchange)
         except errors.GatewayError as e:
-            e.headers.update(
-                (k.decode("latin-1"), v.decode("latin-1")) for k, v in exchange.response_headers.items()
-            )
-            errors.write_error(exchange.request, e)
+            errors.write_error(exchange.request, e, exchange.response_headers)
             return
         await self._relay(exchange, response)
 
