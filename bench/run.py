@@ -1,11 +1,13 @@
-"""openaigw benchmark: the gateway against a direct connection and nginx, in one run.
+"""openaigw benchmark: the gateway against a direct connection, nginx and Twisted's
+ReverseProxyResource, in one run.
 
     python bench/run.py [--quick] [--json results.json]
 
 Starts on 127.0.0.1 a fast fake OpenAI upstream (nginx: canned chat.completion, and
 SSE streams timed by the echo module), nginx as a plain reverse proxy (the
-reference) and openaigw, then runs each workload in interleaved rounds against
-direct / nginx / openaigw and prints one table of medians and ratios.  The proxies
+reference), Twisted's plain ReverseProxyResource (bench/rpr.py, the baseline) and
+openaigw, then runs each workload in interleaved rounds against direct / nginx /
+twisted-rpr / openaigw and prints one table of medians and ratios.  The proxies
 run on core 0; upstream, wrk and the Python load generator on core 1.
 See bench/README.md.
 """
@@ -35,7 +37,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import loadgen  # noqa: E402
 from openaigw.testing import free_port, start_gateway, stop_process  # noqa: E402
 
-TARGETS = ("direct", "nginx", "openaigw")
+TARGETS = ("direct", "nginx", "twisted-rpr", "openaigw")
 # The cost of features, throughput only: the gateway bare (no access log, no metrics),
 # as seeded (access log on), and with key-auth, a request limit, a token limit, the
 # access log and metrics all on.
@@ -330,6 +332,13 @@ class Bench:
         self.procs.append(start_nginx(f"{self.tmp}/proxy", nginx_conf(
             f"{self.tmp}/proxy", proxy_server(px), keepalive), px, PROXY_CORE))
         self.pids["nginx"] = nginx_worker(self.procs[-1].pid)
+        rpr = self.ports["twisted-rpr"] = free_port()
+        argv = [sys.executable, os.path.join(_HERE, "rpr.py"), str(rpr), str(up)]
+        with open(os.path.join(self.tmp, "rpr.log"), "ab") as log:
+            self.procs.append(subprocess.Popen(pinned(PROXY_CORE, argv), stdin=subprocess.DEVNULL,
+                                               stdout=log, stderr=log))
+        wait_listening(rpr, self.procs[-1], f"twisted-rpr (see {self.tmp}/rpr.log)")
+        self.pids["twisted-rpr"] = self.procs[-1].pid  # taskset execs, same pid
         env = dict(os.environ, OPENAI_API_KEY="sk-bench")
         for variant in FEATURE_TARGETS:
             gw = self.ports[variant] = free_port()
@@ -366,7 +375,7 @@ class Bench:
                 started = time.monotonic()
                 values = fn(target, self.ports[target])
                 self.record(target, values, name)
-                print(f"  {name:<9} round {r + 1} {target:<8} {time.monotonic() - started:5.1f}s "
+                print(f"  {name:<9} round {r + 1} {target:<11} {time.monotonic() - started:5.1f}s "
                       + " ".join(f"{k}={v:.4g}" for k, v in values.items()), flush=True)
 
     def throughput(self, target: str, port: int) -> Dict[str, float]:
@@ -439,22 +448,21 @@ def table(bench: Bench) -> Tuple[str, Dict[str, Dict[str, float]]]:
         ("slow.peak_rss_mib", "  proxy peak RSS MiB (max)", False),
         ("slow.rss_per_stream_kib", "  proxy RSS/stream KiB (max)", False),
     ]
-    head = ["workload", "direct", "nginx proxy", "openaigw", "gw/nginx", "+nginx", "+openaigw"]
+    head = ["workload", "direct", "nginx proxy", "twisted rpr", "openaigw", "gw/nginx", "gw/rpr",
+            "+nginx", "+rpr", "+openaigw"]
     lines = [head]
     medians: Dict[str, Dict[str, float]] = {}
     for metric, label, latency in rows:
         m = {t: summary(bench, metric, t, "(max)" in label) for t in TARGETS}
         medians[metric] = m
-        ratio = m["openaigw"] / m["nginx"] if m["nginx"] else float("nan")
-        cells = [label] + [fmt(m[t]) for t in TARGETS] + [fmt(ratio, 2)]
-        if latency:
-            cells += [fmt(m["nginx"] - m["direct"]), fmt(m["openaigw"] - m["direct"])]
-        else:
-            cells += ["", ""]
+        ratios = [m["openaigw"] / m[t] if m[t] else float("nan") for t in ("nginx", "twisted-rpr")]
+        cells = [label] + [fmt(m[t]) for t in TARGETS] + [fmt(r, 2) for r in ratios]
+        proxies = ("nginx", "twisted-rpr", "openaigw")
+        cells += [fmt(m[t] - m["direct"]) if latency else "" for t in proxies]
         lines.append(cells)
     errors = {t: sum(sum(v.get(t, [])) for k, v in bench.raw.items() if k.endswith(".errors"))
               for t in TARGETS}
-    lines.append(["errors (wrk + open loop)"] + [fmt(errors[t]) for t in TARGETS] + ["", "", ""])
+    lines.append(["errors (wrk + open loop)"] + [fmt(errors[t]) for t in TARGETS] + [""] * 5)
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths))) for row in lines)
@@ -505,7 +513,8 @@ def main() -> None:
     try:
         bench.start()
         print(f"upstream :{bench.ports['direct']}  nginx proxy :{bench.ports['nginx']}  "
-              f"openaigw :{bench.ports['openaigw']}", flush=True)
+              f"twisted-rpr :{bench.ports['twisted-rpr']}  openaigw :{bench.ports['openaigw']}",
+              flush=True)
         bench.rounds("tput", bench.throughput)
         bench.rounds("rate", bench.fixed_rate)
         bench.rounds("fast", bench.fast_streams)
