@@ -19,19 +19,15 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-    RequestTransmissionFailed,
-    ResponseNeverReceived,
-)
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from openaigw import errors
 from openaigw.balancer import RoundRobin
 from openaigw.config import Node, UpstreamConfig
 from openaigw.exchange import Exchange
+from openaigw.h1client import ConnectionPool, InvalidResponse, serialize_request
 from openaigw.telemetry import Telemetry
 
 log = Logger()
@@ -149,28 +145,22 @@ class NodeEndpoint:
         return ready
 
 
-@implementer(IAgentEndpointFactory)
-class _NodeEndpoints:
-    """Maps the agent's per-node URIs (``https://n<index>:port``) to node endpoints."""
-
-    def __init__(self, reactor: Any, config: UpstreamConfig) -> None:
-        tls: Dict[Node, Any] = {}
-        if config.scheme == "https":
-            if config.ca_file:
-                with open(config.ca_file, "rb") as f:
-                    trust: Any = Certificate.loadPEM(f.read())
-            else:
-                trust = platformTrust()
-            for node in config.nodes:
-                # Built once per node: the request path never builds TLS contexts.
-                tls[node] = optionsForClientTLS(config.upstream_host or node.host, trust)
-        self._endpoints = {
-            b"n%d" % index: NodeEndpoint(reactor, node, tls.get(node), config.timeout_connect)
-            for index, node in enumerate(config.nodes)
-        }
-
-    def endpointForURI(self, uri: Any) -> NodeEndpoint:
-        return self._endpoints[uri.host]
+def node_endpoints(reactor: Any, config: UpstreamConfig) -> Dict[Node, NodeEndpoint]:
+    """An endpoint per node; for https, each with its TLS options (built once here:
+    the request path never builds TLS contexts)."""
+    tls: Dict[Node, Any] = {}
+    if config.scheme == "https":
+        if config.ca_file:
+            with open(config.ca_file, "rb") as f:
+                trust: Any = Certificate.loadPEM(f.read())
+        else:
+            trust = platformTrust()
+        for node in config.nodes:
+            tls[node] = optionsForClientTLS(config.upstream_host or node.host, trust)
+    return {
+        node: NodeEndpoint(reactor, node, tls.get(node), config.timeout_connect)
+        for node in config.nodes
+    }
 
 
 @implementer(IBodyProducer)
@@ -197,16 +187,6 @@ class _BodyProducer:
         pass
 
 
-class _Pool(HTTPConnectionPool):
-    """A connection pool that tells whether it handed out an idle, reused connection."""
-
-    reused = False
-
-    def getConnection(self, key: Any, endpoint: Any) -> Any:
-        self.reused = bool(self._connections.get(key))
-        return super().getConnection(key, endpoint)
-
-
 def _cancelled(failure_or_error: Any) -> bool:
     """Whether an agent error is the result of cancelling the request."""
     if isinstance(failure_or_error, CancelledError):
@@ -225,25 +205,28 @@ class Upstream:
         telemetry: Optional[Telemetry] = None,
         agent: Optional[IAgent] = None,
     ) -> None:
-        """``agent`` defaults to a pooled Agent connecting through :class:`NodeEndpoint`;
-        it is asked for ``<scheme>://n<node index>:<port><path>``."""
+        """Requests go over a pool of connections to :class:`NodeEndpoint` s, unless an
+        ``agent`` is given: then it is asked for ``<scheme>://n<node index>:<port><path>``."""
         self.config = config
         self._reactor = reactor
         self._telemetry = telemetry or Telemetry()
         self._balancer = RoundRobin(config.nodes)
         self._index = {node: index for index, node in enumerate(config.nodes)}
-        self.pool = _Pool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = config.keepalive_pool
-        self.pool.cachedConnectionTimeout = config.keepalive_timeout
-        self.pool.retryAutomatically = False
-        self._agent = agent or Agent.usingEndpointFactory(
-            reactor, _NodeEndpoints(reactor, config), pool=self.pool
+        self.pool = ConnectionPool(
+            reactor, node_endpoints(reactor, config) if agent is None else {},
+            config.keepalive_pool, config.keepalive_timeout,
         )
+        self._agent = agent
         self._scheme = config.scheme.encode("ascii")
+        default = 443 if config.scheme == "https" else 80
+        self._node_hosts = {  # Host as pass_host = node sends it
+            node: (node.address if node.port != default else node.address.rsplit(":", 1)[0]).encode("idna")
+            for node in config.nodes
+        }
 
-    def close(self) -> "Deferred[None]":
-        """Close idle pooled connections (on shutdown)."""
-        return self.pool.closeCachedConnections()
+    def close(self) -> "Deferred[Any]":
+        """Close idle pooled connections now, busy ones once answered (on shutdown)."""
+        return self.pool.close()
 
     def _host_header(self, node: Node, exchange: Exchange) -> Optional[bytes]:
         if self.config.pass_host == "rewrite":
@@ -251,9 +234,7 @@ class Upstream:
         if self.config.pass_host == "pass":
             host = exchange.request.requestHeaders.getRawHeaders(b"host")
             return host[0] if host else None
-        default = 443 if self.config.scheme == "https" else 80
-        address = node.address if node.port != default else node.address.rsplit(":", 1)[0]
-        return address.encode("idna")
+        return self._node_hosts[node]
 
     async def send(self, exchange: Exchange) -> Tuple[IResponse, Node]:
         """Send ``exchange`` to a node; return the response (headers received).
@@ -277,6 +258,14 @@ class Upstream:
             except errors.GatewayError as e:
                 self._telemetry.upstream_failed(self.config.name, node.address, e.reason)
                 raise
+            except InvalidResponse as e:
+                log.warn(
+                    "upstream {upstream} node {node}: invalid response: {reason}",
+                    upstream=self.config.name, node=node.address, reason=e,
+                )
+                failure = errors.bad_gateway("The upstream server sent an invalid response", "invalid_response")
+                self._telemetry.upstream_failed(self.config.name, node.address, failure.reason)
+                raise failure  # it may have acted on the request: not sent again
             except (ResponseNeverReceived, RequestTransmissionFailed) as e:
                 # (_attempt has turned a cancellation into CancelledError already)
                 log.warn(
@@ -290,7 +279,7 @@ class Upstream:
                 if attempt.get("reused") and stale_retry:
                     # Idle connections the upstream closed: those idle as long may be too.
                     stale_retry = False
-                    self.pool.closeCachedConnections()
+                    self.pool.close_idle()
                     exchange.retries += 1
                     continue  # same node, a new connection
                 if isinstance(e, ResponseNeverReceived):
@@ -320,7 +309,6 @@ class Upstream:
             headers.removeHeader(b"host")
         else:
             headers.setRawHeaders(b"host", [host])
-        uri = b"%s://n%d:%d%s" % (self._scheme, self._index[node], node.port, exchange.path)
 
         timer: Dict[str, Any] = {"call": None}
         timed_out = []
@@ -334,16 +322,22 @@ class Upstream:
                 timer["call"].cancel()
             timer["call"] = self._reactor.callLater(timeout, expire)
 
-        producer = None
-        if exchange.body or exchange.method in (b"POST", b"PUT", b"PATCH"):
-            # The read timer starts once the connection is up and the body goes out.
-            producer = _BodyProducer(exchange.body, lambda: arm(self.config.timeout_read))
+        has_body = bool(exchange.body) or exchange.method in (b"POST", b"PUT", b"PATCH")
+        if self._agent is None:
+            # The read timer starts once the connection is up and the request sent.
+            head = serialize_request(exchange.method, exchange.path, headers, exchange.body if has_body else None)
+            pending, attempt["reused"] = self.pool.request(
+                node, [head, exchange.body] if has_body else [head],
+                exchange.method == b"HEAD", lambda: arm(self.config.timeout_read),
+            )
         else:
-            # Without a body there is no such signal: the timer also covers connecting.
-            arm(self.config.timeout_read + self.config.timeout_connect)
-        self.pool.reused = False
-        pending = self._agent.request(exchange.method, uri, headers, producer)
-        attempt["reused"] = self.pool.reused  # set by the pool, synchronously
+            uri = b"%s://n%d:%d%s" % (self._scheme, self._index[node], node.port, exchange.path)
+            producer = None
+            if has_body:
+                producer = _BodyProducer(exchange.body, lambda: arm(self.config.timeout_read))
+            else:  # an agent gives no signal then: the timer also covers connecting
+                arm(self.config.timeout_read + self.config.timeout_connect)
+            pending = self._agent.request(exchange.method, uri, headers, producer)
         try:
             return await pending  # type: ignore[no-any-return]
         except Exception as e:
