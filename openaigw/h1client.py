@@ -136,6 +136,7 @@ class UpstreamConnection(Protocol):
         self._chunk_state = _SIZE
         self._chunk_left = 0
         self._reusable = False
+        self._stopped = False
         self._lost: List[Deferred[None]] = []
         self.idle_timer: Any = None
 
@@ -155,13 +156,21 @@ class UpstreamConnection(Protocol):
         self._lost.append(lost)
         return lost
 
+    def close(self) -> None:
+        """Close the connection (idle: it leaves the pool now)."""
+        self._state = _CLOSED
+        self._pool._forget(self)
+        self.transport.loseConnection()
+
     def _abort(self) -> None:
         self._state = _CLOSED
         self.transport.abortConnection()
 
     def stop_body(self) -> None:
-        """The consumer wants no more: the connection cannot be reused."""
+        """The consumer wants no more: the connection cannot be reused, and a body
+        read until the connection closes does not end cleanly any more."""
         self._reusable = False
+        self._stopped = True
         self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
@@ -170,17 +179,16 @@ class UpstreamConnection(Protocol):
         elif self._state == _HEAD:
             self._head(self._buffer + data if self._buffer else data)
         elif self._state == _IDLE:  # nothing was asked: the connection is not sane
-            self._state = _CLOSED
-            self.transport.loseConnection()
+            self.close()
 
     def _head(self, buffer: bytes) -> None:
         while True:
             end = _HEAD_END.search(buffer)
+            if (end.start() if end else len(buffer)) > MAX_HEAD:
+                self._fail(InvalidResponse(f"response head over {MAX_HEAD} bytes"))
+                return
             if end is None:
-                if len(buffer) > MAX_HEAD:
-                    self._fail(InvalidResponse(f"response head over {MAX_HEAD} bytes"))
-                else:
-                    self._buffer = buffer
+                self._buffer = buffer
                 return
             head, buffer = buffer[: end.start()], buffer[end.end() :]
             try:
@@ -360,19 +368,18 @@ class UpstreamConnection(Protocol):
             response._end(Failure(ResponseFailed([reason])))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        state, self._state = self._state, _CLOSED
+        self._state = _CLOSED
         waiting, self._waiting = self._waiting, None
         response, self._response = self._response, None
         if waiting is not None and not waiting.called:
             waiting.errback(ResponseNeverReceived([reason]))
         elif response is not None:
             ended_cleanly = reason.check(ConnectionDone) is not None
-            if self._remaining == _AT_CLOSE and ended_cleanly:
+            if self._remaining == _AT_CLOSE and ended_cleanly and not self._stopped:
                 response._end(Failure(PotentialDataLoss()))
             else:
                 response._end(Failure(ResponseFailed([reason])))
-        if state == _IDLE:
-            self._pool._forget(self)
+        self._pool._forget(self)
         lost, self._lost = self._lost, []
         for d in lost:
             d.callback(None)
@@ -430,9 +437,7 @@ class ConnectionPool:
             connection.transport.loseConnection()
             return
         idle.append(connection)
-        connection.idle_timer = self._reactor.callLater(
-            self._idle_timeout, connection.transport.loseConnection
-        )
+        connection.idle_timer = self._reactor.callLater(self._idle_timeout, connection.close)
 
     def _forget(self, connection: UpstreamConnection) -> None:
         if connection.idle_timer is not None and connection.idle_timer.active():
@@ -447,10 +452,8 @@ class ConnectionPool:
         idle, self._idle = self._idle, {}
         for connections in idle.values():
             for connection in connections:
-                if connection.idle_timer.active():
-                    connection.idle_timer.cancel()
                 closing.append(connection.when_lost())
-                connection.transport.loseConnection()
+                connection.close()
         return gatherResults(closing)
 
     def close(self) -> "Deferred[Any]":

@@ -255,6 +255,13 @@ def test_head_over_max_head():
     assert call.failure.check(InvalidResponse) and call.transport.disconnected
 
 
+def test_whole_head_over_max_head_in_one_read():
+    """A head longer than MAX_HEAD is invalid even when its end comes in the same read."""
+    call = Pool().ask()
+    call.answer(b"HTTP/1.1 200 OK\r\nX: " + b"a" * MAX_HEAD + b"\r\nContent-Length: 0\r\n\r\n")
+    assert call.failure.check(InvalidResponse) and call.transport.disconnected
+
+
 @pytest.mark.parametrize("chunks", (b"zz\r\nab\r\n", b"2\r\nabcd\r\n", b"2\r\nabc\n", b"1" * 5000),
                          ids=("size", "overrun", "overrun by one", "long line"))
 def test_invalid_chunked_body(chunks):
@@ -329,6 +336,17 @@ def test_stop_producing_not_reusable():
     assert call.transport.disconnecting and not h.ask().reused
 
 
+def test_stopped_body_until_close_is_not_complete():
+    """A body read until the connection closes, stopped by its consumer: its end is no
+    clean end, even when the connection then closes cleanly."""
+    call = Pool().ask()
+    call.answer(b"HTTP/1.1 200 OK\r\n\r\npart")
+    body = call.deliver()
+    body.transport.stopProducing()
+    call.connection.connectionLost(DONE)
+    assert body.reason.check(ResponseFailed)
+
+
 def test_pool_max_idle_oldest_first():
     """Up to max_idle connections are kept (the others closed), and reused oldest first."""
     h = Pool(max_idle=2)
@@ -370,10 +388,6 @@ def test_stray_bytes_close_idle_connection():
     assert call.transport.disconnecting
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the pool keeps a connection it is closing (idle timer fired, "
-                   "stray bytes) in its idle list until connectionLost, and one closed for stray bytes even "
-                   "after it (its _state is _CLOSED, so connectionLost skips pool._forget): the next request "
-                   "is written to a closing or dead connection")
 @pytest.mark.parametrize("close, lost", (("idle timeout", False), ("stray bytes", False), ("stray bytes", True)))
 def test_closing_connection_not_handed_out(close, lost):
     """A connection the pool has begun to close is not used for the next request."""
