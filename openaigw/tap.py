@@ -45,6 +45,8 @@ class Options(usage.Options):
 def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
+    from openaigw import writethrough
     from openaigw.service import GatewayService
 
+    writethrough.install()  # the gateway process's TCP writes go out at once
     return GatewayService(options.config, reactor)
