@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 
-from openaigw.usage import Usage, UsageMeter
+from openaigw.usage import Usage, UsageMeter, estimate_prompt_tokens
 
 log = Logger()
 _UNPARSED = object()
@@ -65,7 +65,9 @@ class Exchange:
     @property
     def usage(self) -> Optional[Usage]:
         """Tokens used by the answer (None when the upstream gave no answer)."""
-        return self.meter.usage() if self.meter is not None else None
+        if self.meter is None:
+            return None
+        return self.meter.usage(lambda: estimate_prompt_tokens(self.json()))
 
     def on_complete(self, callback: Callable[["Exchange"], None]) -> None:
         """Run ``callback(exchange)`` once the exchange is over."""

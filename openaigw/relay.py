@@ -23,7 +23,7 @@ from openaigw.headers import request_headers, response_headers
 from openaigw.interfaces import IRequestFilter, IResponseFilter
 from openaigw.telemetry import Telemetry
 from openaigw.upstream import Upstream
-from openaigw.usage import UsageMeter, estimate_prompt_tokens
+from openaigw.usage import UsageMeter
 
 log = Logger()
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,100})"')
@@ -240,10 +240,7 @@ class RouteResource(Resource):
         meter = None
         if 200 <= head.code < 300:  # usage for logs and metrics; limits charge it too
             encoding = head.headers.getRawHeaders(b"content-encoding", [b""])[0]
-            meter = UsageMeter(
-                content_type, encoding, exchange.strip_usage,
-                lambda: estimate_prompt_tokens(exchange.json()),
-            )
+            meter = UsageMeter(content_type, encoding, exchange.strip_usage)
             exchange.meter = meter
         if exchange.method == b"HEAD" or head.code in (204, 304) or head.code < 200:
             pass  # no body: Twisted reports length 0, which is not the entity's length

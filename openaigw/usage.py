@@ -102,7 +102,6 @@ class UsageMeter:
         content_type: bytes,
         content_encoding: bytes,
         strip_usage: bool,
-        prompt_estimate: Callable[[], int],
     ) -> None:
         media = content_type.split(b";", 1)[0].strip().lower()
         self._sse = media == b"text/event-stream"
@@ -120,7 +119,6 @@ class UsageMeter:
         self._events = 0
         self._bytes = 0
         self._found: Optional[Usage] = None
-        self._prompt_estimate = prompt_estimate
 
     def feed(self, data: bytes) -> bytes:
         """Observe ``data``; return the bytes to relay to the client."""
@@ -189,10 +187,11 @@ class UsageMeter:
         self._copy = []
         return self._splitter.rest() if self._strip and complete else b""
 
-    def usage(self) -> Usage:
-        """The upstream's own count, or an estimate flagged as such."""
+    def usage(self, prompt_estimate: Callable[[], int]) -> Usage:
+        """The upstream's own count, or an estimate flagged as such (the prompt's
+        tokens from ``prompt_estimate``)."""
         if self._found is not None:
             return self._found
         completion = self._events if self._sse else self._bytes // 4
-        prompt = self._prompt_estimate()
+        prompt = prompt_estimate()
         return Usage(prompt, completion, prompt + completion, estimated=True)

@@ -394,10 +394,10 @@ def test_usage_found_at_every_split():
     expected = None
     for cut in range(len(stream) + 1):
         for cut2 in (cut, min(len(stream), cut + 7)):
-            meter = UsageMeter(b"text/event-stream; charset=utf-8", b"", True, lambda: 0)
+            meter = UsageMeter(b"text/event-stream; charset=utf-8", b"", True)
             out = meter.feed(stream[:cut]) + meter.feed(stream[cut:cut2]) + meter.feed(stream[cut2:])
             out += meter.finish(True)
-            assert meter.usage().total_tokens == 9 and not meter.usage().estimated
+            assert meter.usage(lambda: 0).total_tokens == 9 and not meter.usage(lambda: 0).estimated
             expected = expected or out
             assert out == expected
     assert b"usage" not in expected and expected.count(b"data:") == 3
@@ -455,10 +455,10 @@ def test_responses_api_usage_and_no_injection():
     assert ask_for_usage({"stream": True, "messages": []}) is True
     completed = {"type": "response.completed", "response": {"usage": {
         "input_tokens": 5, "output_tokens": 7, "total_tokens": 12}}}
-    meter = UsageMeter(b"text/event-stream", b"", False, lambda: 0)
+    meter = UsageMeter(b"text/event-stream", b"", False)
     meter.feed(b"event: response.completed\ndata: " + json.dumps(completed).encode() + b"\n\n")
     meter.finish(True)
-    assert (meter.usage().prompt_tokens, meter.usage().completion_tokens) == (5, 7)
+    assert (meter.usage(lambda: 0).prompt_tokens, meter.usage(lambda: 0).completion_tokens) == (5, 7)
 
 
 def test_meter_gives_up_on_unbounded_input():
@@ -467,15 +467,15 @@ def test_meter_gives_up_on_unbounded_input():
 
     from openaigw.usage import DECODE_LIMIT, EVENT_LIMIT, UsageMeter
 
-    meter = UsageMeter(b"text/event-stream", b"", True, lambda: 1)
+    meter = UsageMeter(b"text/event-stream", b"", True)
     relayed = meter.feed(b"data: " + b"x" * (EVENT_LIMIT + 1))
     assert len(relayed) == EVENT_LIMIT + 7 and meter.feed(b"more") == b"more"
-    assert meter.usage().estimated
+    assert meter.usage(lambda: 0).estimated
     bomb = zlib.compress(b"\0" * (DECODE_LIMIT * 8))
-    meter = UsageMeter(b"application/json", b"deflate", False, lambda: 1)
+    meter = UsageMeter(b"application/json", b"deflate", False)
     assert meter.feed(bomb) == bomb
     meter.finish(True)
-    assert meter.usage().estimated
+    assert meter.usage(lambda: 0).estimated
 
 
 def test_header_keys_are_hashed():
