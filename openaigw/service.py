@@ -3,6 +3,7 @@ reloading on SIGHUP and stopping gracefully on SIGTERM."""
 
 from __future__ import annotations
 
+import gc
 import signal
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -131,6 +132,9 @@ class GatewayService(Service):
 
     def _listening(self, _: object) -> None:
         self.ready = True
+        # What start-up made lives as long as the process: out of the collector's
+        # sight, full collections no longer walk it (a few ms each under load).
+        gc.freeze()
         systemd.notify("READY=1\nSTATUS=serving")
         log.info(
             "openaigw ready: {routes} route(s) from {path}, listening on {listen}",
