@@ -45,23 +45,19 @@ def estimate_prompt_tokens(body: Any) -> int:
         return 0
     chars = 0
     count = 0
-
-    def walk(value: Any) -> None:
-        nonlocal chars
+    pending = []
+    for key in ("messages", "prompt", "input"):
+        if key in body:
+            pending.append(body[key])
+            count += len(body[key]) if isinstance(body[key], list) and key == "messages" else 0
+    while pending:  # a stack, not a recursive closure: no reference cycle per call
+        value = pending.pop()
         if isinstance(value, str):
             chars += len(value)
         elif isinstance(value, list):
-            for item in value:
-                walk(item)
+            pending.extend(value)
         elif isinstance(value, dict):
-            for key in ("content", "text", "input", "prompt"):
-                if key in value:
-                    walk(value[key])
-
-    for key in ("messages", "prompt", "input"):
-        if key in body:
-            walk(body[key])
-            count += len(body[key]) if isinstance(body[key], list) and key == "messages" else 0
+            pending.extend(value[key] for key in ("content", "text", "input", "prompt") if key in value)
     return chars // 4 + 4 * count
 
 

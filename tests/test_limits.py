@@ -486,3 +486,18 @@ def test_header_keys_are_hashed():
     gw.client(with_key("sk-client-canary-000000000"))
     keys = [key for key, _ in gw.runtime.counters._counts]
     assert len(keys) == 1 and "canary" not in keys[0] and "authorization=" in keys[0]
+
+
+def test_prompt_estimate():
+    """Four characters a token over messages' text (parts included), plus 4 a message;
+    prompt and input strings count too; other fields and non-objects count nothing."""
+    from openaigw.usage import estimate_prompt_tokens
+
+    body = {"model": "m" * 400, "messages": [
+        {"role": "system", "content": "a" * 40},
+        {"role": "user", "content": [{"type": "text", "text": "b" * 40}, {"type": "image_url"}]},
+    ]}
+    assert estimate_prompt_tokens(body) == 80 // 4 + 4 * 2
+    assert estimate_prompt_tokens({"prompt": ["c" * 8, "d" * 8]}) == 4
+    assert estimate_prompt_tokens({"input": "e" * 12}) == 3
+    assert estimate_prompt_tokens(["not", "an", "object"]) == 0

@@ -396,3 +396,37 @@ def test_paths_are_normalised_before_routing():
     from openaigw.router import normalize
     assert normalize(b"//v1//chat/completions") == b"/v1/chat/completions"
     assert normalize(b"/a%2fb%7e%41") == b"/a%2Fb~A"
+
+
+def test_requests_leave_no_reference_cycles():
+    """A request's objects are freed by reference counting, not left to the cyclic GC
+    (which cost ~10% of the CPU under load when each request made a cycle)."""
+    import gc
+
+    config = BASE_CONFIG.replace("    10.0.0.2:8080 1\n", "").replace(
+        "proxy-rewrite.headers.set", "limit-count.count = 100\nlimit-count.time_window = 60\n"
+        "ai-rate-limiting.limit = 100000\nai-rate-limiting.time_window = 60\nproxy-rewrite.headers.set")
+    gw = Gateway(config, metrics=True)
+    channel, client = gw.client()
+
+    def one() -> None:
+        channel.dataReceived(post(CHAT, b'{"model": "m", "stream": true, "messages": []}'))
+        upstream = gw.upstream(0)
+        upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                      b"\r\n10\r\ndata: {\"a\": 1}\n\n\r\n0\r\n\r\n")
+        upstream.transport.clear()
+        assert client.value().startswith(b"HTTP/1.1 200")
+        client.clear()
+
+    one()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            one()
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []
