@@ -51,7 +51,9 @@ class BodyRelay(Protocol):
     upstream's silence while relaying, or the client's not reading while paused
     (then both connections are dropped).  A ``meter`` sees every read (and may hold
     back bytes the client must not get).  ``done`` fires when the body has ended
-    either way; cancelling it closes the upstream connection.
+    either way; :meth:`abandon` closes the upstream connection.  (``done`` has no
+    canceller: Twisted before 24 keeps a fired Deferred's canceller, which would tie
+    the relay and its request into a reference cycle.)
     """
 
     def __init__(
@@ -70,7 +72,7 @@ class BodyRelay(Protocol):
         self._timer: Any = None
         self._paused = False
         self._timed_out = False
-        self.done: "Deferred[None]" = Deferred(self._cancel)
+        self.done: "Deferred[None]" = Deferred()
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
@@ -120,7 +122,8 @@ class BodyRelay(Protocol):
                 abort_client(request)
         self.done.callback(None)
 
-    def _cancel(self, _: object) -> None:
+    def abandon(self) -> None:
+        """The client is gone: stop reading the upstream (its connection closes)."""
         if self._meter is not None:
             self._meter.finish(False)
         self.stopProducing()
@@ -256,6 +259,9 @@ class RouteResource(Resource):
             self._telemetry.stream_opened(self.name)
         try:
             await relay.done
+        except CancelledError:
+            relay.abandon()
+            raise
         finally:
             if streamed:
                 self._telemetry.stream_closed(self.name)

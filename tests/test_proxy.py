@@ -6,6 +6,7 @@ import json
 
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
 from openaigw.interfaces import IPlugin, IRequestFilter
@@ -425,7 +426,9 @@ def test_requests_leave_no_reference_cycles():
         for _ in range(3):
             one()
         gc.collect()
-        left = [type(o).__name__ for o in gc.garbage]
+        # (Twisted < 24 leaves small cycles of its own: a fired Deferred and its canceller.)
+        left = [type(o).__name__ for o in gc.garbage
+                if type(o).__module__.startswith("openaigw") or isinstance(o, Headers)]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
