@@ -80,10 +80,11 @@ class Plan:
     slow_streams: int
     slow_chunks: int
     slow_interval: float
+    feature_rounds: int
 
 
-FULL = Plan(3, 5, 50, 200, 4, 200, 20, 0.010, 1000, 100, 0.050)
-QUICK = Plan(1, 2, 50, 200, 2, 200, 20, 0.010, 1000, 20, 0.050)
+FULL = Plan(3, 5, 50, 200, 4, 200, 20, 0.010, 1000, 100, 0.050, 5)
+QUICK = Plan(1, 2, 50, 200, 2, 200, 20, 0.010, 1000, 20, 0.050, 1)
 
 
 # --- processes -------------------------------------------------------------------
@@ -367,9 +368,9 @@ class Bench:
         return cpu_seconds(self.pids[target]) if target in self.pids else float("nan")
 
     def rounds(self, name: str, fn: Callable[[str, int], Dict[str, float]],
-               targets: Tuple[str, ...] = TARGETS) -> None:
+               targets: Tuple[str, ...] = TARGETS, rounds: int = 0) -> None:
         """Run *fn* for each target, rotating the order each round."""
-        for r in range(self.plan.rounds):
+        for r in range(rounds or self.plan.rounds):
             order = targets[r % len(targets):] + targets[:r % len(targets)]
             for target in order:
                 started = time.monotonic()
@@ -470,13 +471,19 @@ def table(bench: Bench) -> Tuple[str, Dict[str, Dict[str, float]]]:
 
 
 def features_table(bench: Bench) -> str:
-    """Throughput of the gateway bare, as seeded, and with every check on."""
-    rows = [["wrk c=%d, same run" % bench.plan.wrk_connections, "req/s", "CPU us/req", "vs bare"]]
-    bare = summary(bench, "feat.rps", "openaigw-bare")
+    """Throughput of the gateway bare, as seeded, and with every check on.  "vs bare" is
+    the median over rounds of each round's ratio: the three run back to back in a
+    round, so the ratio cancels the drift that moves whole rounds on a shared machine."""
+    rows = [["wrk c=%d, same run" % bench.plan.wrk_connections, "req/s", "CPU us/req",
+             "vs bare (per round)"]]
+    bare = bench.raw.get("feat.rps", {}).get("openaigw-bare", [])
     for target in FEATURE_TARGETS:
-        rps = summary(bench, "feat.rps", target)
-        rows.append([target, fmt(rps), fmt(summary(bench, "feat.cpu_us_per_req", target)),
-                     fmt(rps / bare if bare else float("nan"), 2)])
+        rounds = bench.raw.get("feat.rps", {}).get(target, [])
+        ratios = [r / b for r, b in zip(rounds, bare) if b]
+        rows.append([target, fmt(summary(bench, "feat.rps", target)),
+                     fmt(summary(bench, "feat.cpu_us_per_req", target)),
+                     fmt(statistics.median(ratios) if ratios else float("nan"), 2)
+                     + " (" + " ".join(fmt(r, 2) for r in ratios) + ")"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                 for i, (c, w) in enumerate(zip(row, widths))) for row in rows)
@@ -519,7 +526,7 @@ def main() -> None:
         bench.rounds("rate", bench.fixed_rate)
         bench.rounds("fast", bench.fast_streams)
         bench.rounds("slow", bench.slow_streams)
-        bench.rounds("feat", bench.throughput, FEATURE_TARGETS)
+        bench.rounds("feat", bench.throughput, FEATURE_TARGETS, plan.feature_rounds)
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted; logs kept in {tmp}")
     except BaseException:
