@@ -139,6 +139,7 @@ class UpstreamConnection(Protocol):
         self._stopped = False
         self._lost: List[Deferred[None]] = []
         self.idle_timer: Any = None
+        self.idle_since = 0.0
 
     def send(self, data: List[bytes], head_only: bool) -> "Deferred[UpstreamResponse]":
         """Write the request (``data``, head and body); fire with the answer's head."""
@@ -416,9 +417,7 @@ class ConnectionPool:
         connection was reused."""
         idle = self._idle.get(key)
         if idle:
-            connection = idle.pop(0)
-            if connection.idle_timer.active():
-                connection.idle_timer.cancel()
+            connection = idle.pop(0)  # (its idle timer stays: see _expire)
             answer = connection.send(data, head_only)
             on_sent()
             return answer, True
@@ -437,11 +436,29 @@ class ConnectionPool:
             connection.transport.loseConnection()
             return
         idle.append(connection)
-        connection.idle_timer = self._reactor.callLater(self._idle_timeout, connection.close)
+        connection.idle_since = self._reactor.seconds()
+        if connection.idle_timer is None:
+            connection.idle_timer = self._reactor.callLater(self._idle_timeout, self._expire, connection)
+
+    def _expire(self, connection: UpstreamConnection) -> None:
+        """Close ``connection`` if it has been idle ``idle_timeout`` seconds; else look
+        again when it could have been.  (A timer per connection that outlives its
+        uses: going back to the pool costs no timer.)"""
+        connection.idle_timer = None
+        if connection not in self._idle.get(connection.key, ()):
+            return  # busy: it is timed again when it comes back
+        idle_for = self._reactor.seconds() - connection.idle_since
+        if idle_for >= self._idle_timeout:
+            connection.close()
+        else:
+            connection.idle_timer = self._reactor.callLater(
+                self._idle_timeout - idle_for, self._expire, connection
+            )
 
     def _forget(self, connection: UpstreamConnection) -> None:
-        if connection.idle_timer is not None and connection.idle_timer.active():
+        if connection.idle_timer is not None:
             connection.idle_timer.cancel()
+            connection.idle_timer = None
         idle = self._idle.get(connection.key, [])
         if connection in idle:
             idle.remove(connection)

@@ -53,5 +53,9 @@ def request_headers(request: IRequest, scheme: bytes) -> Headers:
 
 
 def response_headers(upstream: Headers) -> Headers:
-    """The upstream's end-to-end response headers."""
-    return _end_to_end(upstream, _NOT_RETURNED)
+    """The upstream's end-to-end response headers: ``upstream`` itself, its hop-by-hop
+    headers removed (the answer's headers are the gateway's to change: no copy)."""
+    dropped = _NOT_RETURNED | connection_tokens(upstream)
+    for name in [name for name, _ in upstream.getAllRawHeaders() if name.lower() in dropped]:
+        upstream.removeHeader(name)
+    return upstream

@@ -37,6 +37,15 @@ class GatewayChannel(HTTPChannel):
         super().connectionLost(reason)
         self.site.channel_closed(self)
 
+    _secure: Optional[bool] = None
+
+    def isSecure(self) -> bool:
+        """Asked for every request (X-Forwarded-Proto): the answer, an interface
+        lookup on the transport, is the same for the whole connection."""
+        if self._secure is None:
+            self._secure = bool(super().isSecure())
+        return self._secure
+
 
 def request_id(headers: Any) -> bytes:
     """The client's ``X-Request-Id`` if it is sane, else a new one."""

@@ -359,8 +359,8 @@ def test_pool_max_idle_oldest_first():
 
 
 def test_idle_timeout():
-    """An idle connection is closed after idle_timeout, and then forgotten; reusing one
-    cancels its timer."""
+    """An idle connection is closed idle_timeout after it last went idle (not after it
+    first did), never while busy, and is then forgotten."""
     h = Pool(idle_timeout=10)
     call = h.served()
     h.reactor.advance(9.9)
@@ -368,10 +368,20 @@ def test_idle_timeout():
     h.reactor.advance(0.1)
     assert call.transport.disconnecting
     call.connection.connectionLost(DONE)
-    fresh = h.served()
-    assert not fresh.reused and h.ask().reused
-    h.reactor.advance(20)
-    assert not fresh.transport.disconnecting and h.reactor.getDelayedCalls() == []
+    fresh = h.served()  # idle from t=10
+    h.reactor.advance(6)
+    again = h.ask()  # busy from t=16: its first timer (t=20) finds it busy
+    assert again.reused
+    h.reactor.advance(5)
+    assert not fresh.transport.disconnecting
+    again.answer(ok())
+    again.deliver()  # idle from t=21
+    h.reactor.advance(9.9)
+    assert not fresh.transport.disconnecting
+    h.reactor.advance(0.1)
+    assert fresh.transport.disconnecting
+    fresh.connection.connectionLost(DONE)
+    assert h.reactor.getDelayedCalls() == [] and not h.ask().reused
 
 
 def test_idle_connection_closed_by_server():
