@@ -63,16 +63,19 @@ class _BodyControl:
     """What a body's consumer sees as its transport: flow control of the connection."""
 
     def __init__(self, connection: "UpstreamConnection") -> None:
-        self._connection = connection
+        self.connection: Optional[UpstreamConnection] = connection  # None once the body ended
 
     def pauseProducing(self) -> None:
-        self._connection.transport.pauseProducing()
+        if self.connection is not None:
+            self.connection.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._connection.transport.resumeProducing()
+        if self.connection is not None:
+            self.connection.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        self._connection.stop_body()
+        if self.connection is not None:
+            self.connection.stop_body()
 
 
 @implementer(IResponse)
@@ -93,12 +96,13 @@ class UpstreamResponse:
         self.headers = headers
         self.length = length
         self._consumer: Any = None
+        self._control = _BodyControl(connection)
         self._early: List[bytes] = []  # reads before deliverBody
         self._ended: Optional[Failure] = None
 
     def deliverBody(self, protocol: Any) -> None:
         self._consumer = protocol
-        protocol.makeConnection(_BodyControl(self._connection))
+        protocol.makeConnection(self._control)
         early, self._early = self._early, []
         for data in early:
             protocol.dataReceived(data)
@@ -115,6 +119,7 @@ class UpstreamResponse:
             self._consumer.dataReceived(data)
 
     def _end(self, reason: Failure) -> None:
+        self._control.connection = None  # the connection may serve others now
         if self._consumer is None:
             self._ended = reason
         else:
@@ -137,6 +142,7 @@ class UpstreamConnection(Protocol):
         self._chunk_left = 0
         self._reusable = False
         self._stopped = False
+        self._answering = False  # some of the answer has come
         self._lost: List[Deferred[None]] = []
         self.idle_timer: Any = None
         self.idle_since = 0.0
@@ -145,6 +151,7 @@ class UpstreamConnection(Protocol):
         """Write the request (``data``, head and body); fire with the answer's head."""
         self._state = _HEAD
         self._head_only = head_only
+        self._answering = False
         waiting: Deferred[UpstreamResponse] = Deferred(lambda _: self._abort())
         self._waiting = waiting
         self.transport.writeSequence(data)
@@ -178,6 +185,7 @@ class UpstreamConnection(Protocol):
         if self._state == _BODY:
             self._body(data)
         elif self._state == _HEAD:
+            self._answering = self._answering or bool(data)
             self._head(self._buffer + data if self._buffer else data)
         elif self._state == _IDLE:  # nothing was asked: the connection is not sane
             self.close()
@@ -208,6 +216,8 @@ class UpstreamConnection(Protocol):
         if self._state != _BODY:  # the head's receiver gave up on it
             return
         if self._remaining == 0:
+            if buffer:  # bytes after an answer without a body: the connection is not sane
+                self._reusable = False
             self._finish()
         elif buffer:
             self._body(buffer)
@@ -218,7 +228,7 @@ class UpstreamConnection(Protocol):
         version, _, rest = status.partition(b" ")
         code_bytes, _, phrase = rest.partition(b" ")
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or not (
-            len(code_bytes) == 3 and code_bytes.isdigit()
+            len(code_bytes) == 3 and code_bytes.isdigit() and code_bytes[0:1] != b"0"
         ):
             raise InvalidResponse(f"bad status line {status[:100]!r}")
         code = int(code_bytes)
@@ -236,8 +246,8 @@ class UpstreamConnection(Protocol):
             if not colon or not _TOKEN.fullmatch(name):
                 raise InvalidResponse(f"bad header line {line[:100]!r}")
             value = value.strip(b" \t")
-            raw.setdefault(name, []).append(value)
             lower = name.lower()
+            raw.setdefault(lower, []).append(value)  # one list whatever the case
             if lower == b"content-length":
                 lengths.extend(v.strip() for v in value.split(b","))
             elif lower == b"transfer-encoding":
@@ -259,7 +269,9 @@ class UpstreamConnection(Protocol):
             self._remaining = length = int(lengths[0])
         else:
             self._remaining = _AT_CLOSE
-        self._reusable = not close and self._remaining != _AT_CLOSE
+        # Both Content-Length and Transfer-Encoding: framing an intermediary may have
+        # read otherwise (RFC 9112 6.3): no further use of the connection.
+        self._reusable = not close and self._remaining != _AT_CLOSE and not (lengths and coding)
         return UpstreamResponse(self, version, code, phrase, Headers(raw), length)
 
     def _body(self, data: bytes) -> None:
@@ -373,7 +385,8 @@ class UpstreamConnection(Protocol):
         waiting, self._waiting = self._waiting, None
         response, self._response = self._response, None
         if waiting is not None and not waiting.called:
-            waiting.errback(ResponseNeverReceived([reason]))
+            # Once the upstream has begun to answer, it has the request: not "never".
+            waiting.errback((ResponseFailed if self._answering else ResponseNeverReceived)([reason]))
         elif response is not None:
             ended_cleanly = reason.check(ConnectionDone) is not None
             if self._remaining == _AT_CLOSE and ended_cleanly and not self._stopped:

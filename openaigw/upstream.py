@@ -19,7 +19,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
@@ -228,12 +228,13 @@ class Upstream:
         """Close idle pooled connections now, busy ones once answered (on shutdown)."""
         return self.pool.close()
 
-    def _host_header(self, node: Node, exchange: Exchange) -> Optional[bytes]:
+    def _host_header(self, node: Node, exchange: Exchange) -> bytes:
         if self.config.pass_host == "rewrite":
             return (self.config.upstream_host or "").encode("idna")
         if self.config.pass_host == "pass":
             host = exchange.request.requestHeaders.getRawHeaders(b"host")
-            return host[0] if host else None
+            if host:
+                return host[0]
         return self._node_hosts[node]
 
     async def send(self, exchange: Exchange) -> Tuple[IResponse, Node]:
@@ -284,6 +285,14 @@ class Upstream:
                     continue  # same node, a new connection
                 if isinstance(e, ResponseNeverReceived):
                     raise failure  # the upstream may have the request: not sent again
+            except ResponseFailed as e:  # the answer began, then the connection was lost
+                log.warn(
+                    "upstream {upstream} node {node}: connection lost in the answer's head: {reason}",
+                    upstream=self.config.name, node=node.address, reason=_describe(e),
+                )
+                failure = errors.bad_gateway("The upstream server closed the connection", "closed")
+                self._telemetry.upstream_failed(self.config.name, node.address, failure.reason)
+                raise failure
             except CancelledError:
                 raise
             except Exception as e:
@@ -304,11 +313,7 @@ class Upstream:
 
     async def _attempt(self, node: Node, exchange: Exchange, attempt: Dict[str, bool]) -> IResponse:
         headers = exchange.headers
-        host = self._host_header(node, exchange)
-        if host is None:
-            headers.removeHeader(b"host")
-        else:
-            headers.setRawHeaders(b"host", [host])
+        headers.setRawHeaders(b"host", [self._host_header(node, exchange)])
 
         timer: Dict[str, Any] = {"call": None}
         timed_out = []

@@ -25,10 +25,14 @@ def _send_now(connection: Any, data: bytes) -> bytes:
         not connection.connected
         or connection.disconnecting
         or connection._writeDisconnected
+        or connection._aborting  # what is written after an abort is dropped
+        or getattr(connection.protocol, "_aborted", False)  # TLS's close notice, then
         or connection.TLS  # Twisted's own startTLS layer: its path, untouched
         or connection._tempDataBuffer
         or connection.offset != len(connection.dataBuffer)
         or len(data) > connection.SEND_LIMIT
+        # A pull producer is asked for more when the buffer drains: let it drain.
+        or (connection.producer is not None and not connection.streamingProducer)
     ):
         return data
     try:

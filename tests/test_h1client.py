@@ -17,7 +17,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from openaigw.h1client import MAX_HEAD, ConnectionPool, InvalidResponse, serialize_request
 
-from tests.memory import Gateway, post
+from tests.memory import BASE_CONFIG, Gateway, post
 
 KEY = "node"
 REQUEST = b"GET / HTTP/1.1\r\nHost: node\r\n\r\n"
@@ -274,13 +274,21 @@ def test_invalid_chunked_body(chunks):
     assert call.transport.disconnected
 
 
-@pytest.mark.parametrize("received", (b"", b"HTTP/1.1 200 OK\r\nContent-Le"))
-def test_lost_before_answer(received):
-    """A connection lost before the whole head is ResponseNeverReceived."""
+def test_lost_before_answer():
+    """A connection lost before any of the answer is ResponseNeverReceived."""
+    call = Pool().ask()
+    call.connection.connectionLost(DONE)
+    assert call.failure.check(ResponseNeverReceived)
+
+
+@pytest.mark.parametrize("received", (b"HTTP/1.1 200 OK\r\nContent-Le", b"HTTP/1.1 100 Continue\r\n\r\n"))
+def test_lost_in_answer_head(received):
+    """A connection lost once the answer has begun (part of a head, an interim answer):
+    the upstream has the request, so it is ResponseFailed, not ResponseNeverReceived."""
     call = Pool().ask()
     call.answer(received)
     call.connection.connectionLost(DONE)
-    assert call.failure.check(ResponseNeverReceived)
+    assert call.failure.check(ResponseFailed) and not call.failure.check(ResponseNeverReceived)
 
 
 def test_lost_mid_body():
@@ -475,3 +483,68 @@ def test_gateway_invalid_upstream_answer_is_502():
     assert json.loads(raw.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_gateway"
     assert gw.records[0].error == "upstream_invalid_response"
     assert gw.requests_sent() == 1
+
+
+@pytest.mark.parametrize("head_only, answer", (
+    (True, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nBODY"),
+    (False, b"HTTP/1.1 204 No Content\r\n\r\nEXTRA"),
+    (False, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nEXTRA"),
+), ids=("HEAD answered with a body", "204 and more", "empty and more"))
+def test_bytes_after_empty_body_not_reusable(head_only, answer):
+    """Bytes after an answer without a body make the connection unfit for reuse too."""
+    h = Pool()
+    call = h.ask(head_only=head_only)
+    call.answer(answer)
+    assert call.deliver().reason.check(ResponseDone)
+    assert call.transport.disconnecting and not h.ask().reused
+
+
+def test_same_field_in_different_case_is_one_field():
+    """Field names are case-insensitive: Set-Cookie and set-cookie lines keep all values."""
+    call = Pool().ask()
+    call.answer(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\nContent-Length: 0\r\n\r\n")
+    assert call.response.headers.getRawHeaders(b"set-cookie") == [b"a=1", b"b=2"]
+
+
+def test_status_below_100_is_invalid():
+    """A status code under 100 is not an interim answer to wait past: it is invalid."""
+    call = Pool().ask()
+    call.answer(b"HTTP/1.1 099 Odd\r\n\r\n")
+    assert call.failure.check(InvalidResponse)
+
+
+def test_length_and_chunked_together_not_reusable():
+    """Content-Length with Transfer-Encoding: chunked is read as chunked, then closed."""
+    h = Pool()
+    call = h.ask()
+    call.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    assert call.deliver().body == b"ok"
+    assert call.transport.disconnecting and not h.ask().reused
+
+
+def test_flow_control_ends_with_the_body():
+    """Once a body has ended, its consumer's pause or stop no longer reaches the
+    connection, which may be serving another request."""
+    h = Pool()
+    call = h.ask()
+    call.answer(ok())
+    control = call.deliver().transport
+    control.pauseProducing()
+    control.stopProducing()
+    assert call.transport.producerState == "producing" and not call.transport.disconnecting
+    assert h.ask().reused
+
+
+def test_gateway_does_not_resend_once_the_answer_began():
+    """A reused connection lost after the upstream began its answer: 502, not resent
+    (the upstream has the request)."""
+    gw = Gateway(BASE_CONFIG.replace("    10.0.0.2:8080 1\n", ""))
+    _, first = gw.client(post(b"/v1/chat/completions", b'{"model": "m"}'))
+    upstream = gw.upstream()
+    upstream.send(ok(b"{}", b"Content-Type: application/json\r\n"))
+    assert first.value().startswith(b"HTTP/1.1 200")
+    _, second = gw.client(post(b"/v1/chat/completions", b'{"model": "m"}'))
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Le")
+    upstream.protocol.connectionLost(DONE)
+    assert second.value().startswith(b"HTTP/1.1 502")
+    assert gw.requests_sent() == 2

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 
 import pytest
 from twisted.internet import tcp
-from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from openaigw import writethrough
+from openaigw.testing import make_test_ca
 
 
 @pytest.fixture
@@ -18,7 +25,7 @@ def connection():
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
-    reactor = MemoryReactor()
+    reactor = MemoryReactorClock()
     conn = tcp.Connection(ours, Protocol(), reactor)
     conn.connected = 1
     yield conn, theirs, reactor
@@ -72,3 +79,88 @@ def test_uninstall_restores_buffered_writes(connection):
         peer.recv(100)
     conn.doWrite()
     assert peer.recv(100) == b"buffered"
+
+
+def test_nothing_goes_out_after_an_abort(connection):
+    """What is written after abortConnection is dropped, as Twisted's buffered path does."""
+    conn, peer, reactor = connection
+    conn.abortConnection()
+    conn.write(b"late")
+    with pytest.raises(BlockingIOError):
+        peer.recv(100)
+
+
+def test_pull_producer_is_asked_again(connection):
+    """A pull producer is asked for more when the buffer drains: its writes stay buffered."""
+    conn, peer, reactor = connection
+
+    @implementer(IPullProducer)
+    class Producer:
+        asked = 0
+
+        def resumeProducing(self):
+            self.asked += 1
+            if self.asked <= 3:
+                conn.write(b"chunk%d;" % self.asked)
+
+        def stopProducing(self):
+            pass
+
+    conn.registerProducer(Producer(), False)
+    for _ in range(5):  # the reactor's turns
+        if conn in reactor.getWriters():
+            conn.doWrite()
+    assert peer.recv(100) == b"chunk1;chunk2;chunk3;"
+
+
+def test_tls_abort_sends_no_close_notify(tmp_path):
+    """Aborting a TLS connection (a cut answer) must not look like a clean end to the
+    client: TLS writes its close notice first, which write-through must not send."""
+    pki = make_test_ca(str(tmp_path))
+    with open(pki.directory + "/server.pem") as f:
+        options = PrivateCertificate.loadPEM(f.read()).options()
+    writethrough.install()
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        app = Protocol()
+        tls = TLSMemoryBIOFactory(options, False, Factory.forProtocol(lambda: app)).buildProtocol(None)
+        conn = tcp.Connection(ours, tls, MemoryReactorClock())
+        conn.connected = 1
+        tls.makeConnection(conn)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = ssl.create_default_context(cafile=pki.directory + "/ca.pem").wrap_bio(
+            incoming, outgoing, server_hostname="localhost")
+
+        def pump():
+            if outgoing.pending:
+                theirs.sendall(outgoing.read())
+            with contextlib.suppress(BlockingIOError):
+                conn.doRead()
+            if conn in conn.reactor.getWriters():
+                conn.doWrite()
+            with contextlib.suppress(BlockingIOError):
+                incoming.write(theirs.recv(65536))
+
+        for _ in range(20):
+            try:
+                client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pump()
+        app.transport.write(b"HTTP/1.0 200 OK\r\n\r\npartial")
+        aggregator = getattr(tls, "_aggregator", None)
+        if aggregator is not None:
+            aggregator.flush()  # what the reactor does on its next turn (Twisted >= 22.8)
+        pump()
+        app.transport.abortConnection()
+        with contextlib.suppress(BlockingIOError):
+            incoming.write(theirs.recv(65536))
+        assert client.read(65536) == b"HTTP/1.0 200 OK\r\n\r\npartial"
+        with pytest.raises(ssl.SSLWantReadError):  # no clean end: the reset follows
+            client.read(65536)
+    finally:
+        writethrough.uninstall()
+        ours.close()
+        theirs.close()
