@@ -60,14 +60,15 @@ def test_what_the_socket_does_not_take_is_buffered_in_order(connection):
     assert received == big + b"tail"
 
 
-def test_closing_connection_is_left_to_twisted(connection):
-    """Once loseConnection is called, writes take Twisted's path (flushed before closing)."""
+@pytest.mark.parametrize("close", ("loseConnection", "abortConnection"))
+def test_closing_connection_is_left_to_twisted(connection, close):
+    """Once the connection is closing, writes take Twisted's path: flushed before a
+    close, dropped after an abort."""
     conn, peer, reactor = connection
-    conn.disconnecting = True
+    getattr(conn, close)()
     conn.write(b"late")
     with pytest.raises(BlockingIOError):
         peer.recv(100)
-    assert conn in reactor.getWriters()
 
 
 def test_uninstall_restores_buffered_writes(connection):
@@ -79,15 +80,6 @@ def test_uninstall_restores_buffered_writes(connection):
         peer.recv(100)
     conn.doWrite()
     assert peer.recv(100) == b"buffered"
-
-
-def test_nothing_goes_out_after_an_abort(connection):
-    """What is written after abortConnection is dropped, as Twisted's buffered path does."""
-    conn, peer, reactor = connection
-    conn.abortConnection()
-    conn.write(b"late")
-    with pytest.raises(BlockingIOError):
-        peer.recv(100)
 
 
 def test_pull_producer_is_asked_again(connection):
