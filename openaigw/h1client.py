@@ -320,7 +320,16 @@ class UpstreamConnection(Protocol):
                     self._fail(InvalidResponse(f"bad chunk size {line[:40]!r}"))
                     return
                 self._chunk_left = int(size, 16)
-                state = _DATA if self._chunk_left else _TRAILER
+                if not self._chunk_left:
+                    state = _TRAILER
+                    continue
+                end = position + self._chunk_left
+                if buffer[end : end + 2] == b"\r\n":  # the whole chunk is here: the usual case
+                    out.append(buffer[position:end])
+                    position = end + 2
+                    self._chunk_left = 0
+                    continue
+                state = _DATA
             elif state == _DATA:
                 piece = buffer[position : position + self._chunk_left]
                 if not piece:
