@@ -7,16 +7,80 @@ configuration; a model becomes a label value only once an upstream answered it w
 
 from __future__ import annotations
 
-from typing import Any, Dict, Set, Tuple
+from bisect import bisect_left
+from itertools import accumulate
+from typing import Any, Dict, Iterator, List, Sequence, Set, Tuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 from zope.interface import implementer
 
 from openaigw.accesslog import AccessRecord
 from openaigw.interfaces import IRequestObserver
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _Histogram:
+    """Observations per label value, kept as plain bucket counts."""
+
+    def __init__(self, name: str, documentation: str, bounds: Sequence[float]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = bounds
+        self._les = [floatToGoString(bound) for bound in bounds] + ["+Inf"]
+        self._counts: Dict[str, List[int]] = {}
+        self._sums: Dict[str, float] = {}
+
+    def observe(self, label: str, value: float) -> None:
+        counts = self._counts.get(label)
+        if counts is None:
+            counts = self._counts[label] = [0] * len(self._les)
+            self._sums[label] = 0.0
+        counts[bisect_left(self._bounds, value)] += 1  # the first bucket with le >= value
+        self._sums[label] += value
+
+    def family(self, label_name: str) -> Metric:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=[label_name])
+        for label, counts in self._counts.items():
+            family.add_metric([label], list(zip(self._les, accumulate(counts))), self._sums[label])
+        return family
+
+
+class _RequestStats:
+    """The per-request metrics, counted in dicts and turned into metric families when
+    scraped: counting a request is a few dict updates, where prometheus_client's
+    metric objects take a lock and several calls per sample."""
+
+    def __init__(self) -> None:
+        self.requests: Dict[Tuple[str, str, str], int] = {}
+        self.tokens: Dict[Tuple[str, str, str, str], int] = {}
+        self.duration = _Histogram(
+            "openaigw_request_duration_seconds", "Time from request to the end of the answer.", _SECONDS
+        )
+        self.ttfb = _Histogram(
+            "openaigw_time_to_first_byte_seconds", "Time from request to the first byte sent back.",
+            _SECONDS,
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "openaigw_requests", "Finished requests.", labels=["route", "consumer", "status"]
+        )
+        for labels, value in self.requests.items():
+            requests.add_metric(labels, value)
+        tokens = CounterMetricFamily(
+            "openaigw_tokens", "Tokens used, from the upstream's usage (or estimates).",
+            labels=["route", "consumer", "model", "kind"],
+        )
+        for labels, value in self.tokens.items():
+            tokens.add_metric(labels, value)
+        yield requests
+        yield self.duration.family("route")
+        yield self.ttfb.family("route")
+        yield tokens
 
 
 @implementer(IRequestObserver)
@@ -26,21 +90,8 @@ class Metrics:
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
         r = self.registry
-        self.requests = Counter(
-            "openaigw_requests", "Finished requests.", ["route", "consumer", "status"], registry=r
-        )
-        self.duration = Histogram(
-            "openaigw_request_duration_seconds", "Time from request to the end of the answer.",
-            ["route"], buckets=_SECONDS, registry=r,
-        )
-        self.ttfb = Histogram(
-            "openaigw_time_to_first_byte_seconds", "Time from request to the first byte sent back.",
-            ["route"], buckets=_SECONDS, registry=r,
-        )
-        self.tokens = Counter(
-            "openaigw_tokens", "Tokens used, from the upstream's usage (or estimates).",
-            ["route", "consumer", "model", "kind"], registry=r,
-        )
+        self._stats = _RequestStats()
+        r.register(self._stats)
         self.streams = Gauge("openaigw_active_streams", "Event streams being relayed.", ["route"], registry=r)
         self.upstream_failures = Counter(
             "openaigw_upstream_failures", "Failed upstream attempts.", ["upstream", "node", "reason"], registry=r
@@ -74,21 +125,23 @@ class Metrics:
         return "other"
 
     def request_finished(self, record: AccessRecord) -> None:
+        stats = self._stats
         route = record.route or ""
         consumer = record.consumer or ""
-        self._child(self.requests, route, consumer, str(record.status)).inc()
-        self._child(self.duration, route).observe(record.duration)
+        key = (route, consumer, str(record.status))
+        stats.requests[key] = stats.requests.get(key, 0) + 1
+        stats.duration.observe(route, record.duration)
         if record.ttfb is not None:
-            self._child(self.ttfb, route).observe(record.ttfb)
+            stats.ttfb.observe(route, record.ttfb)
         if record.limit is not None:
             self._child(self.rejections, route, record.limit).inc()
         usage = record.usage
         if usage is not None:
             model = self._model(record)
-            if usage.prompt_tokens:
-                self._child(self.tokens, route, consumer, model, "prompt").inc(usage.prompt_tokens)
-            if usage.completion_tokens:
-                self._child(self.tokens, route, consumer, model, "completion").inc(usage.completion_tokens)
+            for kind, count in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)):
+                if count:
+                    tokens = (route, consumer, model, kind)
+                    stats.tokens[tokens] = stats.tokens.get(tokens, 0) + count
 
     def upstream_failed(self, upstream: str, node: str, reason: str) -> None:
         self._child(self.upstream_failures, upstream, node, reason).inc()

@@ -167,3 +167,28 @@ def test_access_log_gathers_lines_for_a_moment(tmp_path):
     log.request_finished(AccessRecord(started=0.0, status=500))
     log.close()
     assert len(path.read_text().splitlines()) == 3
+
+
+def test_duration_histogram_matches_prometheus_client():
+    """The dict-kept histogram exposes what prometheus_client's Histogram would:
+    the same buckets (a value on a bound counts in it), count and sum."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from openaigw.metrics import _SECONDS
+
+    reference = CollectorRegistry()
+    histogram = Histogram("openaigw_request_duration_seconds", "d", ["route"], buckets=_SECONDS,
+                          registry=reference)
+    metrics = Metrics()
+    for seconds in (0.005, 0.007, 1, 1.5, 400):
+        histogram.labels("r").observe(seconds)
+        metrics.request_finished(AccessRecord(started=0, route="r", status=200, duration=seconds))
+
+    def samples(registry):
+        return sorted((s.name, tuple(sorted(s.labels.items())), s.value)
+                      for m in registry.collect() if m.name == "openaigw_request_duration_seconds"
+                      for s in m.samples if not s.name.endswith("_created"))
+
+    assert samples(metrics.registry) == samples(reference)
+    assert metrics.registry.get_sample_value(
+        "openaigw_requests_total", {"route": "r", "consumer": "", "status": "200"}) == 5
