@@ -5,8 +5,9 @@ connection, a Deferred chain per step); the gateway calls it for every request.
 This client does the one thing the gateway needs: write a request (head and body)
 in one go, read the answer's head with bytes methods, and hand each read of the
 body to its consumer as it arrives.  Like Agent, it reports a connection lost
-before the answer as :class:`ResponseNeverReceived`, and delivers bodies through
-:meth:`IResponse.deliverBody` with ``ResponseDone`` or ``PotentialDataLoss``.
+before any of the answer as :class:`ResponseNeverReceived` (``ResponseFailed`` once
+the answer has begun), and delivers bodies through :meth:`IResponse.deliverBody`
+with ``ResponseDone`` or ``PotentialDataLoss``.
 """
 
 from __future__ import annotations
@@ -89,7 +90,6 @@ class UpstreamResponse:
         self, connection: "UpstreamConnection", version: bytes, code: int, phrase: bytes,
         headers: Headers, length: Any,
     ) -> None:
-        self._connection = connection
         self.version = (b"HTTP", 1, 1 if version == b"HTTP/1.1" else 0)
         self.code = code
         self.phrase = phrase
@@ -374,8 +374,7 @@ class UpstreamConnection(Protocol):
             self.transport.resumeProducing()  # the consumer may have paused it
             self._pool._release(self)
         else:
-            self._state = _CLOSED
-            self.transport.loseConnection()
+            self.close()
 
     def _fail(self, error: Exception) -> None:
         """The answer cannot be read: drop the connection and report why."""
@@ -437,25 +436,21 @@ class ConnectionPool:
         """Send ``data`` (a serialized request) to node ``key``; ``on_sent`` runs once
         it is written.  Returns the answer's head to come, and whether an idle
         connection was reused."""
-        idle = self._idle.get(key)
-        if idle:
-            connection = idle.pop(0)  # (its idle timer stays: see _expire)
-            answer = connection.send(data, head_only)
-            on_sent()
-            return answer, True
-
-        def connected(connection: UpstreamConnection) -> "Deferred[UpstreamResponse]":
+        def send(connection: UpstreamConnection) -> "Deferred[UpstreamResponse]":
             answer = connection.send(data, head_only)
             on_sent()
             return answer
 
+        idle = self._idle.get(key)
+        if idle:
+            return send(idle.pop(0)), True  # (its idle timer stays: see _expire)
         connecting = self._endpoints[key].connect(_ConnectionFactory(self, key))
-        return connecting.addCallback(connected), False
+        return connecting.addCallback(send), False
 
     def _release(self, connection: UpstreamConnection) -> None:
         idle = self._idle.setdefault(connection.key, [])
         if self._closed or len(idle) >= self._max_idle:
-            connection.transport.loseConnection()
+            connection.close()
             return
         idle.append(connection)
         connection.idle_since = self._reactor.seconds()
