@@ -464,9 +464,7 @@ def table(bench: Bench) -> Tuple[str, Dict[str, Dict[str, float]]]:
     errors = {t: sum(sum(v.get(t, [])) for k, v in bench.raw.items() if k.endswith(".errors"))
               for t in TARGETS}
     lines.append(["errors (wrk + open loop)"] + [fmt(errors[t]) for t in TARGETS] + [""] * 5)
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))) for row in lines)
+    text = layout(lines)
     return text, medians
 
 
@@ -484,6 +482,11 @@ def features_table(bench: Bench) -> str:
                      fmt(summary(bench, "feat.cpu_us_per_req", target)),
                      fmt(statistics.median(ratios) if ratios else float("nan"), 2)
                      + " (" + " ".join(fmt(r, 2) for r in ratios) + ")"])
+    return layout(rows)
+
+
+def layout(rows: List[List[str]]) -> str:
+    """Rows as aligned columns: the first left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                 for i, (c, w) in enumerate(zip(row, widths))) for row in rows)
