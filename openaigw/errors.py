@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
-from twisted.web.http import Request
+if TYPE_CHECKING:
+    from openaigw.server import GatewayRequest
 
 
 class GatewayError(Exception):
@@ -40,14 +41,13 @@ class GatewayError(Exception):
 
 
 def write_error(
-    request: Request, error: GatewayError, extra: Optional[Mapping[bytes, bytes]] = None
+    request: GatewayRequest, error: GatewayError, extra: Optional[Mapping[bytes, bytes]] = None
 ) -> None:
     """Send ``error`` as the whole response and finish the request; ``extra`` headers
     (a limit's X-RateLimit-*, say) go with it."""
-    record = getattr(request, "access", None)
-    if record is not None:
-        record.error = error.reason
-        record.limit = error.limit
+    record = request.context.record
+    record.error = error.reason
+    record.limit = error.limit
     body = error.body()
     request.setResponseCode(error.status, HTTPStatus(error.status).phrase.encode("ascii"))
     headers = request.responseHeaders

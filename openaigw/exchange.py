@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest
 
+from openaigw.context import RequestContext
 from openaigw.usage import Usage, UsageMeter, estimate_prompt_tokens
+
+if TYPE_CHECKING:
+    from openaigw.server import GatewayRequest
 
 log = Logger()
 _UNPARSED = object()
@@ -20,6 +23,7 @@ _UNPARSED = object()
 class Exchange:
     """One client request and the upstream request being made from it.
 
+    ``context`` is the client request's state (its access record, its normalised path).
     ``method``, ``path`` (with its query string), ``headers`` and ``body`` are what will
     be sent upstream; request filters change them in place.  Filters also name the
     ``consumer``, add ``response_headers`` (sent with the answer, the gateway's own
@@ -28,7 +32,8 @@ class Exchange:
     however it ends.  ``meter`` reads the answer's token usage.
     """
 
-    request: IRequest
+    request: GatewayRequest
+    context: RequestContext
     route: str
     method: bytes
     path: bytes
@@ -45,8 +50,7 @@ class Exchange:
 
     @property
     def client_address(self) -> str:
-        peer = self.request.getClientAddress()
-        return str(getattr(peer, "host", "") or "unknown")
+        return self.context.record.client or "unknown"
 
     def json(self) -> Any:
         """The request body as JSON (parsed once), or None if it is not JSON."""
@@ -81,12 +85,3 @@ class Exchange:
                 callback(self)
             except Exception:
                 log.failure("completion callback failed for route {route}", route=self.route)
-
-
-@dataclass
-class ResponseHead:
-    """The upstream's status and headers, before they are sent to the client."""
-
-    code: int
-    phrase: bytes
-    headers: Headers

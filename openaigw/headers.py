@@ -7,7 +7,7 @@ from typing import FrozenSet
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 
-# RFC 9110 7.6.1 hop-by-hop headers, plus what Agent and Site write themselves.
+# RFC 9110 7.6.1 hop-by-hop headers, plus what the upstream client and Site write themselves.
 HOP_BY_HOP: FrozenSet[bytes] = frozenset(
     (
         b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
@@ -35,12 +35,11 @@ def _end_to_end(headers: Headers, excluded: FrozenSet[bytes]) -> Headers:
     return out
 
 
-def request_headers(request: IRequest, scheme: bytes) -> Headers:
-    """The client's end-to-end headers plus ``X-Forwarded-*`` (Host is set later)."""
+def request_headers(request: IRequest, scheme: bytes, client: str) -> Headers:
+    """The client's end-to-end headers plus ``X-Forwarded-*`` (Host is set later);
+    ``client`` is the client's address ("" on a UNIX socket: not added)."""
     out = _end_to_end(request.requestHeaders, _NOT_FORWARDED)
-    peer = request.getClientAddress()
-    client = getattr(peer, "host", None)
-    if client is not None:
+    if client:
         forwarded = out.getRawHeaders(b"x-forwarded-for", [])
         prior = b", ".join(forwarded)
         address = client.encode("ascii")

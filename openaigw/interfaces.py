@@ -20,13 +20,6 @@ class IRequestFilter(Interface):
         """
 
 
-class IResponseFilter(Interface):
-    """Sees, and may change, the upstream's response status and headers."""
-
-    def filter_response(exchange, head):  # type: ignore[no-untyped-def]
-        """Change ``head`` (an :class:`openaigw.exchange.ResponseHead`) in place."""
-
-
 class IPlugin(Interface):
     """A feature configured by ``name.option`` keys of a route section."""
 
@@ -44,7 +37,7 @@ class IPlugin(Interface):
         """
 
     def create(settings, runtime, scope):  # type: ignore[no-untyped-def]
-        """Build the filter (providing IRequestFilter and/or IResponseFilter).
+        """Build the filter (providing IRequestFilter).
 
         ``runtime`` is the :class:`openaigw.runtime.Runtime` (clock, shared state);
         ``scope`` names the section, e.g. ``route:openai-chat`` or ``consumer:team-a``.

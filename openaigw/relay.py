@@ -11,16 +11,17 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
-from twisted.web.iweb import IRequest, IResponse
+from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from openaigw import errors
-from openaigw.exchange import Exchange, ResponseHead
+from openaigw.exchange import Exchange
 from openaigw.filters import run_filters
 from openaigw.headers import request_headers, response_headers
-from openaigw.interfaces import IRequestFilter, IResponseFilter
+from openaigw.interfaces import IRequestFilter
+from openaigw.server import GatewayRequest
 from openaigw.telemetry import Telemetry
 from openaigw.upstream import Upstream
 from openaigw.usage import UsageMeter
@@ -33,13 +34,6 @@ def _model(exchange: Exchange) -> Optional[str]:
     """The request's model, for logs and metrics: a cheap look at the body's start."""
     match = _MODEL.search(exchange.body, 0, 4096)
     return match.group(1).decode("utf-8", "replace") if match else None
-
-
-def abort_client(request: IRequest) -> None:
-    """Drop the client connection so a truncated body is never taken as complete."""
-    channel = getattr(request, "channel", None)
-    if channel is not None and channel.transport is not None:
-        channel.transport.abortConnection()
 
 
 @implementer(IPushProducer)
@@ -58,7 +52,7 @@ class BodyRelay(Protocol):
 
     def __init__(
         self,
-        request: IRequest,
+        request: GatewayRequest,
         clock: Any,
         timeout: float,
         meter: Optional[UsageMeter] = None,
@@ -102,7 +96,7 @@ class BodyRelay(Protocol):
         # After a timeout a close-delimited body also "ends": it is cut all the same.
         complete = not self._timed_out and reason.check(ResponseDone, PotentialDataLoss) is not None
         rest = self._meter.finish(complete) if self._meter is not None else b""
-        if getattr(request, "channel", None) is not None:
+        if request.channel is not None:
             request.unregisterProducer()
             if complete:
                 if rest:
@@ -119,7 +113,7 @@ class BodyRelay(Protocol):
                          why=why, reason=reason.getErrorMessage())
                 if self._on_cut is not None:
                     self._on_cut(why)
-                abort_client(request)
+                request.abort()
         self.done.callback(None)
 
     def abandon(self) -> None:
@@ -166,27 +160,26 @@ class RouteResource(Resource):
         self._clock = clock
         self._telemetry = telemetry or Telemetry()
         self._request_filters: List[Any] = [f for f in filters if IRequestFilter.providedBy(f)]
-        self._response_filters: List[Any] = [f for f in filters if IResponseFilter.providedBy(f)]
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: GatewayRequest) -> Any:
         scheme = b"https" if request.isSecure() else b"http"
         _, question, query = request.uri.partition(b"?")
-        path = getattr(request, "normalized_path", request.path)
+        context = request.context
+        record = context.record
         exchange = Exchange(
             request=request,
+            context=context,
             route=self.name,
             method=request.method,
-            path=path + question + query,
-            headers=request_headers(request, scheme),
+            path=context.path + question + query,
+            headers=request_headers(request, scheme, record.client),
             body=request.content.read() if request.content is not None else b"",
         )
-        record = getattr(request, "access", None)
-        if record is not None:
-            request.routed = True
-            record.route = self.name
-            record.upstream = self._upstream.config.name
-            record.model = _model(exchange)
-            exchange.headers.setRawHeaders(b"x-request-id", [record.request_id.encode("ascii")])
+        context.hold()  # released, and so reported, in _done
+        record.route = self.name
+        record.upstream = self._upstream.config.name
+        record.model = _model(exchange)
+        exchange.headers.setRawHeaders(b"x-request-id", [record.request_id.encode("ascii")])
         handling = Deferred.fromCoroutine(self._proxy(exchange))
         # A client that leaves cancels whatever is being awaited: a limit's delay,
         # connecting, waiting for headers or relaying the body.
@@ -197,14 +190,12 @@ class RouteResource(Resource):
 
     def _done(self, exchange: Exchange) -> None:
         exchange.complete()
-        request = exchange.request
-        record = getattr(request, "access", None)
-        if record is not None:
-            record.consumer = exchange.consumer
-            record.upstream_node = exchange.node
-            record.retries = exchange.retries
-            record.usage = exchange.usage
-            request.report()
+        record = exchange.context.record
+        record.consumer = exchange.consumer
+        record.upstream_node = exchange.node
+        record.retries = exchange.retries
+        record.usage = exchange.usage
+        exchange.context.release()
 
     async def _proxy(self, exchange: Exchange) -> None:
         try:
@@ -216,39 +207,37 @@ class RouteResource(Resource):
         await self._relay(exchange, response)
 
     async def _relay(self, exchange: Exchange, response: IResponse) -> None:
-        head = ResponseHead(response.code, response.phrase, response_headers(response.headers))
-        for response_filter in self._response_filters:
-            response_filter.filter_response(exchange, head)
+        code = response.code
+        headers = response_headers(response.headers)
         for name, value in exchange.response_headers.items():
-            head.headers.setRawHeaders(name, [value])
+            headers.setRawHeaders(name, [value])
         request = exchange.request
-        request.setResponseCode(head.code, head.phrase)
+        request.setResponseCode(code, response.phrase)
         ours = request.responseHeaders.getRawHeaders(b"x-request-id")
-        theirs = head.headers.getRawHeaders(b"x-request-id")
+        theirs = headers.getRawHeaders(b"x-request-id")
         if ours:  # the upstream's own id passes through; ours goes beside it
-            head.headers.setRawHeaders(b"x-gateway-request-id" if theirs else b"x-request-id", ours)
-        channel = getattr(request, "channel", None)
+            headers.setRawHeaders(b"x-gateway-request-id" if theirs else b"x-request-id", ours)
+        channel = request.channel
         if channel is not None and not channel.persistent:  # closing after this answer
-            head.headers.setRawHeaders(b"connection", [b"close"])
-        request.responseHeaders = head.headers
-        content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
+            headers.setRawHeaders(b"connection", [b"close"])
+        request.responseHeaders = headers
+        content_type = headers.getRawHeaders(b"content-type", [b""])[0]
         streamed = content_type.lower().startswith(b"text/event-stream")
         if streamed:
-            head.headers.setRawHeaders(b"x-accel-buffering", [b"no"])
-        record = getattr(request, "access", None)
-        if record is not None:
-            record.upstream_status = response.code
-            record.upstream_request_id = theirs[0].decode("latin-1")[:128] if theirs else None
-            record.streamed = streamed
+            headers.setRawHeaders(b"x-accel-buffering", [b"no"])
+        record = exchange.context.record
+        record.upstream_status = code
+        record.upstream_request_id = theirs[0].decode("latin-1")[:128] if theirs else None
+        record.streamed = streamed
         meter = None
-        if 200 <= head.code < 300:  # usage for logs and metrics; limits charge it too
-            encoding = head.headers.getRawHeaders(b"content-encoding", [b""])[0]
+        if 200 <= code < 300:  # usage for logs and metrics; limits charge it too
+            encoding = headers.getRawHeaders(b"content-encoding", [b""])[0]
             meter = UsageMeter(content_type, encoding, exchange.strip_usage)
             exchange.meter = meter
-        if exchange.method == b"HEAD" or head.code in (204, 304) or head.code < 200:
+        if exchange.method == b"HEAD" or code in (204, 304) or code < 200:
             pass  # no body: Twisted reports length 0, which is not the entity's length
         elif isinstance(response.length, int) and not exchange.strip_usage:
-            head.headers.setRawHeaders(b"content-length", [b"%d" % response.length])
+            headers.setRawHeaders(b"content-length", [b"%d" % response.length])
         else:
             request.write(b"")  # a stream: the client gets the headers now, not with the first event
         relay = BodyRelay(
@@ -268,9 +257,7 @@ class RouteResource(Resource):
 
     def _cut(self, exchange: Exchange) -> Any:
         def cut(reason: str) -> None:
-            record = getattr(exchange.request, "access", None)
-            if record is not None:
-                record.error = reason
+            exchange.context.record.error = reason
             self._telemetry.upstream_failed(self._upstream.config.name, exchange.node or "", reason)
 
         return cut
@@ -280,10 +267,10 @@ class RouteResource(Resource):
         if failure.check(CancelledError):
             return  # the client left; the upstream request was cancelled with it
         log.failure("unexpected error proxying {path}", failure, path=request.path)
-        if getattr(request, "channel", None) is None:
+        if request.channel is None:
             return
         if request.startedWriting:
-            abort_client(request)
+            request.abort()
         else:
             errors.write_error(
                 request, errors.GatewayError(500, "Internal gateway error", "server_error")

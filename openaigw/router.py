@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
-from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
 from openaigw import errors
+
+if TYPE_CHECKING:
+    from openaigw.server import GatewayRequest
 
 Entry = Tuple[Optional[FrozenSet[str]], IResource]
 
@@ -43,10 +45,9 @@ class Router(Resource):
                 found.extend(entries)
         return found
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: GatewayRequest) -> Any:
         request.responseHeaders.removeHeader(b"server")
-        path = normalize(request.path)
-        request.normalized_path = path  # what routes forward upstream
+        path = request.context.path = normalize(request.path)  # what routes forward upstream
         if _has_dot_segment(path):
             errors.write_error(
                 request,

@@ -15,6 +15,7 @@ from twisted.web.server import Request, Site
 
 from openaigw import errors
 from openaigw.accesslog import AccessRecord
+from openaigw.context import RequestContext
 from openaigw.telemetry import Telemetry
 
 _DISCARD_SECONDS = 1.0
@@ -23,11 +24,15 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 class GatewayChannel(HTTPChannel):
     """An HTTP/1.1 channel with TCP_NODELAY (Twisted sets it only from 24.10), known
-    to its site until it closes (for a graceful stop)."""
+    to its site until it closes (for a graceful stop); the client's address is
+    looked up once, here."""
+
+    client_host = ""  # the client's address, "" on a UNIX socket
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channels.add(self)
+        self.client_host = str(getattr(self.transport.getPeer(), "host", "") or "")
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
@@ -56,25 +61,26 @@ def request_id(headers: Any) -> bytes:
 
 
 class GatewayRequest(Request):
-    """A request that enforces the body size limit and reports when it is over.
+    """A request that enforces the body size limit and holds the request's context.
 
     A body over the limit gets its 413 at once, before it is read; the rest is read
     and discarded briefly so that closing does not reset the connection under the
-    answer.  ``access`` gathers what the access log and metrics report; a route
-    fills it in and reports itself (``routed``), other answers report on finish.
+    answer.  ``context`` (made once the head is in) is the request's state; the
+    request lets go of it when it ends: answered, rejected, aborted or abandoned.
     """
 
     defaultContentType = None
     _rejected = False
     _received = 0
-    routed = False
-    _reported = False
-    access: AccessRecord
+    _open = False  # holding the context: from the end of the head to the request's
+    context: RequestContext
     _site: "GatewaySite"
 
     def gotLength(self, length: Optional[int]) -> None:
         site = self._site = self.channel.site
-        self.access = AccessRecord(started=site.clock.seconds())
+        record = AccessRecord(started=site.clock.seconds(), client=self.channel.client_host)
+        self.context = RequestContext(record, site.telemetry, site.clock)
+        self._open = True
         super().gotLength(length)
         if length is not None and length > site.max_body_size:
             self._reject()
@@ -96,44 +102,54 @@ class GatewayRequest(Request):
 
     def _describe(self, method: bytes, path: bytes) -> None:
         """Fill in the access record's request side (``path``: never the query string)."""
-        record = self.access
+        record = self.context.record
         record.request_id = request_id(self.requestHeaders).decode("ascii")
         record.method = method.decode("ascii", "replace")
         record.path = path.decode("utf-8", "replace")
-        record.client = getattr(self.getClientAddress(), "host", "") or ""
         record.bytes_in = self._received
 
     def process(self) -> None:
         self._describe(self.method, self.path)
-        self.responseHeaders.setRawHeaders(b"x-request-id", [self.access.request_id.encode("ascii")])
+        self.responseHeaders.setRawHeaders(b"x-request-id", [self.context.record.request_id.encode("ascii")])
         super().process()
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
-            self.access.ttfb = self._site.clock.seconds() - self.access.started
+            record = self.context.record
+            record.ttfb = self._site.clock.seconds() - record.started
         super().write(data)
 
     def finish(self) -> None:
         super().finish()
-        if not self.routed:
-            self.report()
+        self._end(self.code)
 
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
-        if not self.routed and not self.finished:
-            self.report()
+        if not self.finished:
+            self._end_cut_short()
 
-    def report(self) -> None:
-        """Tell the access log and metrics about this request, once: 499 if the client
-        left before the answer ended (and the gateway did not cut it)."""
-        record = getattr(self, "access", None)
-        if self._reported or record is None:  # None: the request line came, no headers
+    def abort(self) -> None:
+        """Drop the client connection, so that an answer cut short is never taken as
+        complete: the request ends here."""
+        channel = self.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()
+        self._end_cut_short()
+
+    def _end_cut_short(self) -> None:
+        """The answer did not end: 499 if the client left (not if the gateway cut it)."""
+        if self._open:
+            self._end(self.code if self.context.record.error else 499)
+
+    def _end(self, status: int) -> None:
+        """The request is over: fill in the answer's side, let go of the context."""
+        if not self._open:  # before the head was in (nothing to report), or ended already
             return
-        self._reported = True
-        record.status = self.code if self.finished or record.error else 499
+        self._open = False
+        record = self.context.record
+        record.status = status
         record.bytes_out = self.sentLength
-        record.duration = self._site.clock.seconds() - record.started
-        self._site.telemetry.request_finished(record)
+        self.context.release()
 
     def _reject(self) -> None:
         self._rejected = True
@@ -153,9 +169,8 @@ class GatewayRequest(Request):
         self._describe(
             getattr(self.channel, "_command", b""), getattr(self.channel, "_path", b"").split(b"?")[0]
         )
-        self.setResponseCode(413)  # what report() logs: the answer went out raw, above
-        self.access.error = error.reason
-        self.report()
+        self.context.record.error = error.reason
+        self._end(413)  # the answer went out raw, above
 
 
 class GatewaySite(Site):

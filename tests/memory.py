@@ -1,4 +1,4 @@
-"""An in-memory gateway: a real Site and Agent over StringTransports and a fake clock."""
+"""An in-memory gateway: a real Site and upstream client over StringTransports and a fake clock."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The request path in memory: real Site and Agent, StringTransports, a fake clock."""
+"""The request path in memory: real Site and upstream client, StringTransports, a fake clock."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from openaigw.interfaces import IRequestObserver
 from openaigw.metrics import Metrics
 from openaigw.usage import Usage
 
-from tests.memory import Gateway, post, response
+from tests.memory import BASE_CONFIG, Gateway, post, response
 
 CHAT = b"/v1/chat/completions"
 BODY = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "secret prompt"}]}'
@@ -89,6 +89,43 @@ def test_client_leaving_is_499():
     (record,) = gw.records
     assert record.status == 499 and record.streamed
     assert record.bytes_out == len(b"data: 1\n\n")
+
+
+def test_context_reports_once_when_its_last_holder_is_done():
+    """The record goes out once, when both the request and the route are done with it."""
+    from twisted.internet.task import Clock
+
+    from openaigw.context import RequestContext
+
+    clock, reported = Clock(), []
+
+    class Observer:
+        def request_finished(self, record):
+            reported.append((record, clock.seconds()))
+
+    context = RequestContext(AccessRecord(started=0.0), Observer(), clock)
+    context.hold()  # a route takes the request
+    clock.advance(1)
+    context.release()  # the answer is finished
+    assert reported == []
+    clock.advance(1)
+    context.release()  # the route's exchange is over
+    assert reported == [(context.record, 2.0)] and context.record.duration == 2.0
+
+
+def test_client_leaving_during_a_limit_delay_is_reported_once():
+    """A client that leaves while its request waits (limit-req): one record, 499."""
+    config = BASE_CONFIG.replace(
+        "proxy-rewrite.headers.set", "limit-req.rate = 1\nlimit-req.burst = 5\nproxy-rewrite.headers.set")
+    gw = Gateway(config)
+    gw.client(post(CHAT, BODY))
+    gw.upstream().send(response())
+    channel, _ = gw.client(post(CHAT, BODY))  # delayed: over the rate
+    assert len(gw.records) == 1
+    channel.connectionLost(Failure(ConnectionDone()))
+    gw.reactor.advance(5)
+    assert [(r.status, r.route) for r in gw.records] == [(200, "chat"), (499, "chat")]
+    assert gw.requests_sent() == 1
 
 
 def test_upstream_cut_is_logged_as_such():
