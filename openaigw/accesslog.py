@@ -45,6 +45,8 @@ class AccessRecord:
     retries: int = 0
     error: Optional[str] = None  # why the gateway answered itself, or cut the answer
     limit: Optional[str] = None  # the limit that rejected the request
+    cache: Optional[str] = None  # hit, miss, coalesced or bypass, on routes with cache = on
+    tokens_saved: Optional[int] = None  # by a hit or a coalesced answer
 
     def fields(self) -> Dict[str, Any]:
         usage = self.usage
@@ -74,6 +76,8 @@ class AccessRecord:
             "retries": self.retries,
             "error": self.error,
             "limit": self.limit,
+            "cache": self.cache,
+            "tokens_saved": self.tokens_saved,
         }
 
 

@@ -13,6 +13,7 @@ from openaigw.context import RequestContext
 from openaigw.usage import Usage, UsageMeter, estimate_prompt_tokens
 
 if TYPE_CHECKING:
+    from openaigw.cache.responses import CachedRequest
     from openaigw.server import GatewayRequest
 
 log = Logger()
@@ -29,7 +30,8 @@ class Exchange:
     ``consumer``, add ``response_headers`` (sent with the answer, the gateway's own
     errors included), ask for the usage chunk to be kept from the client
     (``strip_usage``), and register callbacks to run when the exchange is over,
-    however it ends.  ``meter`` reads the answer's token usage.
+    however it ends.  ``meter`` reads the answer's token usage.  ``cache`` is set
+    when the response cache may answer the request.
     """
 
     request: GatewayRequest
@@ -45,6 +47,7 @@ class Exchange:
     meter: Optional[UsageMeter] = None
     node: Optional[str] = None  # the upstream node (last) tried
     retries: int = 0
+    cache: Optional[CachedRequest] = None
     _json: Any = _UNPARSED
     _on_complete: List[Callable[["Exchange"], None]] = field(default_factory=list)
 

@@ -87,3 +87,17 @@ class IRequestObserver(Interface):
 
     def request_finished(record):  # type: ignore[no-untyped-def]
         """``record`` is the request's :class:`openaigw.accesslog.AccessRecord`."""
+
+
+class ICacheStore(Interface):
+    """Cached answers by key: binary values that expire (the response cache).
+
+    Both methods return Deferreds.  A store that fails errbacks; callers treat
+    that as a miss (or a value not kept), never as an error for the client.
+    """
+
+    def get(key):  # type: ignore[no-untyped-def]
+        """Fire with the bytes stored under ``key``, or None (never stored, expired, evicted)."""
+
+    def set(key, value, ttl):  # type: ignore[no-untyped-def]
+        """Keep ``value`` under ``key`` for ``ttl`` seconds; fire with None once stored."""

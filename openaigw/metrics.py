@@ -57,6 +57,8 @@ class _RequestStats:
     def __init__(self) -> None:
         self.requests: Dict[Tuple[str, str, str], int] = {}
         self.tokens: Dict[Tuple[str, str, str, str], int] = {}
+        self.cache: Dict[Tuple[str, str], int] = {}
+        self.tokens_saved: Dict[str, int] = {}
         self.duration = _Histogram(
             "openaigw_request_duration_seconds", "Time from request to the end of the answer.", _SECONDS
         )
@@ -77,7 +79,21 @@ class _RequestStats:
         )
         for labels, value in self.tokens.items():
             tokens.add_metric(labels, value)
+        cache = CounterMetricFamily(
+            "openaigw_cache_requests", "Requests on routes with the cache on, by X-Cache-Status.",
+            labels=["route", "status"],
+        )
+        for labels, value in self.cache.items():
+            cache.add_metric(labels, value)
+        saved = CounterMetricFamily(
+            "openaigw_cache_tokens_saved", "Tokens that cache hits and coalesced answers did not cost.",
+            labels=["route"],
+        )
+        for route, value in self.tokens_saved.items():
+            saved.add_metric([route], value)
         yield requests
+        yield cache
+        yield saved
         yield self.duration.family("route")
         yield self.ttfb.family("route")
         yield tokens
@@ -135,6 +151,11 @@ class Metrics:
             stats.ttfb.observe(route, record.ttfb)
         if record.limit is not None:
             self._child(self.rejections, route, record.limit).inc()
+        if record.cache is not None:
+            cache = (route, record.cache)
+            stats.cache[cache] = stats.cache.get(cache, 0) + 1
+            if record.tokens_saved:
+                stats.tokens_saved[route] = stats.tokens_saved.get(route, 0) + record.tokens_saved
         usage = record.usage
         if usage is not None:
             model = self._model(record)

@@ -17,6 +17,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from openaigw import errors
+from openaigw.cache.flight import Flight, Head
 from openaigw.exchange import Exchange
 from openaigw.filters import run_filters
 from openaigw.headers import request_headers, response_headers
@@ -38,7 +39,8 @@ def _model(exchange: Exchange) -> Optional[str]:
 
 @implementer(IPushProducer)
 class BodyRelay(Protocol):
-    """Writes each upstream read to the client as it arrives.
+    """Writes each upstream read to the client (a request, or a cache's Flight) as it
+    arrives.
 
     Registered as the client's producer: a slow client pauses reading from the
     upstream.  One timer of ``timeout`` seconds watches whichever side is due: the
@@ -52,7 +54,7 @@ class BodyRelay(Protocol):
 
     def __init__(
         self,
-        request: GatewayRequest,
+        request: "GatewayRequest | Flight",
         clock: Any,
         timeout: float,
         meter: Optional[UsageMeter] = None,
@@ -200,22 +202,27 @@ class RouteResource(Resource):
     async def _proxy(self, exchange: Exchange) -> None:
         try:
             await run_filters(self._request_filters, exchange)
+            if exchange.cache is not None:  # from the cache, or fetched through it
+                await exchange.cache.serve(exchange, self)
+                return
             response, node = await self._upstream.send(exchange)
         except errors.GatewayError as e:
             errors.write_error(exchange.request, e, exchange.response_headers)
             return
         await self._relay(exchange, response)
 
-    async def _relay(self, exchange: Exchange, response: IResponse) -> None:
-        code = response.code
-        headers = response_headers(response.headers)
+    def send_head(self, exchange: Exchange, head: Head, length: Optional[int]) -> bool:
+        """Send the answer's status and headers (``head``'s, changed for this client);
+        True if it is an event stream."""
+        headers = head.headers
+        code = head.code
         for name, value in exchange.response_headers.items():
             headers.setRawHeaders(name, [value])
         request = exchange.request
-        request.setResponseCode(code, response.phrase)
+        request.setResponseCode(code, head.phrase)
         ours = request.responseHeaders.getRawHeaders(b"x-request-id")
-        theirs = headers.getRawHeaders(b"x-request-id")
         if ours:  # the upstream's own id passes through; ours goes beside it
+            theirs = headers.hasHeader(b"x-request-id")
             headers.setRawHeaders(b"x-gateway-request-id" if theirs else b"x-request-id", ours)
         channel = request.channel
         if channel is not None and not channel.persistent:  # closing after this answer
@@ -225,23 +232,57 @@ class RouteResource(Resource):
         streamed = content_type.lower().startswith(b"text/event-stream")
         if streamed:
             headers.setRawHeaders(b"x-accel-buffering", [b"no"])
-        record = exchange.context.record
-        record.upstream_status = code
-        record.upstream_request_id = theirs[0].decode("latin-1")[:128] if theirs else None
-        record.streamed = streamed
-        meter = None
-        if 200 <= code < 300:  # usage for logs and metrics; limits charge it too
-            encoding = headers.getRawHeaders(b"content-encoding", [b""])[0]
-            meter = UsageMeter(content_type, encoding, exchange.strip_usage)
-            exchange.meter = meter
+        exchange.context.record.streamed = streamed
         if exchange.method == b"HEAD" or code in (204, 304) or code < 200:
             pass  # no body: Twisted reports length 0, which is not the entity's length
-        elif isinstance(response.length, int) and not exchange.strip_usage:
-            headers.setRawHeaders(b"content-length", [b"%d" % response.length])
+        elif isinstance(length, int) and not exchange.strip_usage:
+            headers.setRawHeaders(b"content-length", [b"%d" % length])
         else:
             request.write(b"")  # a stream: the client gets the headers now, not with the first event
+        return streamed
+
+    def _upstream_head(self, exchange: Exchange, response: IResponse) -> Head:
+        """The upstream's answer head, noted in the access record."""
+        headers = response_headers(response.headers)
+        theirs = headers.getRawHeaders(b"x-request-id")
+        record = exchange.context.record
+        record.upstream_status = response.code
+        record.upstream_request_id = theirs[0].decode("latin-1")[:128] if theirs else None
+        return Head(response.code, response.phrase, headers)
+
+    async def fetch(self, exchange: Exchange, flight: Flight) -> None:
+        """Make ``exchange``'s upstream request for ``flight``, and write the answer
+        into it (the flight's clients get it from there)."""
+        try:
+            response, node = await self._upstream.send(exchange)
+        except errors.GatewayError as e:
+            flight.fail(e)
+            return
+        head = self._upstream_head(exchange, response)
+        encoding = head.headers.getRawHeaders(b"content-encoding", [b"identity"])[0]
+        content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
+        streamed = content_type.lower().startswith(b"text/event-stream")
+        flight.start(head, streamed, encoding.lower() == b"identity", response.length)
+        await self._deliver(exchange, response, flight, None, streamed)
+
+    async def _relay(self, exchange: Exchange, response: IResponse) -> None:
+        head = self._upstream_head(exchange, response)
+        streamed = self.send_head(exchange, head, response.length)
+        meter = None
+        if 200 <= head.code < 300:  # usage for logs and metrics; limits charge it too
+            content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
+            encoding = head.headers.getRawHeaders(b"content-encoding", [b""])[0]
+            meter = UsageMeter(content_type, encoding, exchange.strip_usage)
+            exchange.meter = meter
+        await self._deliver(exchange, response, exchange.request, meter, streamed)
+
+    async def _deliver(
+        self, exchange: Exchange, response: IResponse, client: Any, meter: Optional[UsageMeter],
+        streamed: bool,
+    ) -> None:
+        """Relay the upstream body to ``client`` (the request, or a flight)."""
         relay = BodyRelay(
-            request, self._clock, self._upstream.config.timeout_read, meter, self._cut(exchange)
+            client, self._clock, self._upstream.config.timeout_read, meter, self._cut(exchange)
         )
         response.deliverBody(relay)
         if streamed:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
+from openaigw.cache.responses import ResponseCache
+from openaigw.cache.store import MemoryCacheStore
 from openaigw.consumers import KeyRing
 from openaigw.counters import MemoryConcurrency, MemoryLeakyBuckets, MemoryWindowCounters
 from openaigw.interfaces import IConcurrency, ILeakyBuckets, IWindowCounters
@@ -19,7 +21,10 @@ class Runtime:
     buckets: ILeakyBuckets
     concurrency: IConcurrency
     keyring: KeyRing = field(default_factory=lambda: KeyRing())
+    responses: Optional[ResponseCache] = None  # the response cache (memory() makes one)
 
     @classmethod
     def memory(cls, clock: Any) -> "Runtime":
-        return cls(clock, MemoryWindowCounters(clock), MemoryLeakyBuckets(clock), MemoryConcurrency())
+        responses = ResponseCache(MemoryCacheStore(clock, 0), clock)  # sized by the routes
+        return cls(clock, MemoryWindowCounters(clock), MemoryLeakyBuckets(clock), MemoryConcurrency(),
+                   responses=responses)

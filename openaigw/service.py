@@ -36,8 +36,11 @@ def build_routes(
 ) -> Tuple[IResource, Dict[str, Upstream]]:
     """The root resource serving ``config``'s routes, and the upstreams it calls.
 
-    ``runtime.keyring`` is filled with ``config``'s consumers.
+    ``runtime.keyring`` is filled with ``config``'s consumers; the response cache's
+    store is sized for its routes.
     """
+    if runtime.responses is not None:
+        runtime.responses.size_for(config)
     for consumer in config.consumers:
         scope = f"consumer:{consumer.name}"
         filters = tuple(REGISTRY[p.name].create(p.settings, runtime, scope) for p in consumer.plugins)
@@ -174,7 +177,7 @@ class GatewayService(Service):
             return
         try:
             runtime = Runtime(self._reactor, self._runtime.counters, self._runtime.buckets,
-                              self._runtime.concurrency, KeyRing())
+                              self._runtime.concurrency, KeyRing(), self._runtime.responses)
             root, upstreams = build_routes(config, self._reactor, runtime, self.telemetry)
             self._configure_telemetry(config)
         except Exception:

@@ -1,0 +1,214 @@
+"""Serving a cacheable request: from the store (HIT), from an identical request in
+flight (COALESCED), or from the upstream (MISS), whose complete 200 is then stored."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from openaigw import errors
+from openaigw.cache.entry import Entry, forbids_storing, stored_headers
+from openaigw.cache.flight import Flight, Head
+from openaigw.exchange import Exchange
+from openaigw.interfaces import ICacheStore
+from openaigw.sse import EventSplitter, event_data
+from openaigw.usage import UsageMeter, estimate_prompt_tokens
+
+log = Logger()
+STATUS = b"X-Cache-Status"
+
+
+class ResponseCache:
+    """What every route's cache shares: the store, and the flights under way (by key)."""
+
+    def __init__(self, store: ICacheStore, clock: Any) -> None:
+        self.store = store
+        self.clock = clock
+        self.flights: Dict[str, Flight] = {}
+
+    def size_for(self, config: Any) -> None:
+        """Bound an in-process store by the largest ``cache.memory`` of ``config``'s
+        routes (0 when none caches: it then holds nothing)."""
+        resize = getattr(self.store, "resize", None)
+        if resize is not None:
+            resize(max(
+                (p.settings.memory for route in config.routes for p in route.plugins if p.name == "cache"),
+                default=0,
+            ))
+
+    async def get(self, key: str) -> Optional[Entry]:
+        """The entry stored under ``key``; None if there is none or the store failed."""
+        try:
+            data = await self.store.get(key)
+        except CancelledError:
+            raise
+        except Exception as e:
+            log.warn("cache store failed, answering as a miss: {error}", error=_describe(e))
+            return None
+        return Entry.decode(data) if data is not None else None
+
+    def put(self, key: str, entry: Entry, ttl: float) -> None:
+        """Store ``entry`` (in the background: a failure is logged and forgotten)."""
+        try:
+            storing = self.store.set(key, entry.encode(), ttl)
+        except Exception as e:
+            storing = Deferred()
+            storing.errback(e)
+        storing.addErrback(
+            lambda failure: log.warn("cache store failed, answer not kept: {error}",
+                                     error=_describe(failure.value))
+        )
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:200]
+
+
+def stream_finished(chunks: List[bytes]) -> Optional[List[bytes]]:
+    """The events of a stream that ended as streams end (``data: [DONE]``, or the
+    Responses API's ``response.completed``), else None."""
+    splitter = EventSplitter()
+    events = splitter.feed(b"".join(chunks))
+    if splitter.rest().strip() or not events:
+        return None
+    last = events[-1]
+    if event_data(last) == b"[DONE]" or b"response.completed" in last:
+        return events
+    return None
+
+
+class CachedRequest:
+    """The cache's part in one exchange: its key, and how it was answered.
+
+    ``status`` is what ``X-Cache-Status`` says (``hit``, ``miss``, ``coalesced``;
+    ``bypass`` when the lookup was skipped), also in the access record, with the
+    tokens a hit or a coalesced answer did not cost.
+    """
+
+    def __init__(self, responses: ResponseCache, settings: Any, key: str, lookup: bool = True) -> None:
+        self._responses = responses
+        self._settings = settings
+        self.key = key
+        self.lookup = lookup
+        self.status = "miss" if lookup else "bypass"
+
+    def _say(self, exchange: Exchange, status: str) -> None:
+        """Answer with ``X-Cache-Status: status`` (and note it in the access record)."""
+        self.status = status
+        exchange.response_headers[STATUS] = status.upper().encode("ascii")
+        exchange.context.record.cache = status
+
+    async def serve(self, exchange: Exchange, relay: Any) -> None:
+        """Answer ``exchange``'s client.  ``relay`` (the route's) provides
+        ``fetch(exchange, flight)``, the upstream request with its answer written
+        into the flight, and ``send_head(exchange, head, length)``, the client's
+        status line and headers."""
+        responses = self._responses
+        shared = True
+        if self.lookup:
+            entry = await responses.get(self.key)
+            if entry is not None:
+                return await self._replay(exchange, relay, entry)
+            flight = responses.flights.get(self.key)
+            if flight is not None and flight.joinable():
+                if await self._join(flight, leader=False):
+                    self._say(exchange, "coalesced")
+                    return await self._deliver(exchange, relay, flight, charged=False)
+                shared = False  # it failed for the one before: upstream alone, not in a queue
+        await self._lead(exchange, relay, shared)
+
+    async def _replay(self, exchange: Exchange, relay: Any, entry: Entry) -> None:
+        self._say(exchange, "hit")
+        age = max(0.0, self._responses.clock.seconds() - entry.created)
+        exchange.response_headers[b"Age"] = b"%d" % math.floor(age)
+        head = Head(entry.status, b"OK", Headers())
+        for name, value in entry.headers:
+            head.headers.addRawHeader(name, value)
+        flight = Flight.replay(head, entry.streamed, list(entry.chunks))
+        await self._deliver(exchange, relay, flight, charged=False)
+
+    async def _lead(self, exchange: Exchange, relay: Any, shared: bool) -> None:
+        """Go upstream; followers may join while the answer comes (``shared``)."""
+        self._say(exchange, "miss" if self.lookup else "bypass")
+        responses = self._responses
+        key = self.key
+        flight = Flight(self._settings.max_entry_size, on_end=lambda f, complete: self._ended(f, complete))
+        if shared:
+            responses.flights[key] = flight
+        fetching = Deferred.fromCoroutine(relay.fetch(exchange, flight))
+        fetching.addErrback(self._fetch_failed, flight)
+        if not fetching.called:
+            flight.fetching = fetching
+        if not await self._join(flight, leader=True):
+            error = flight.error
+            if isinstance(error, errors.GatewayError):
+                raise error
+            raise errors.GatewayError(500, "Internal gateway error", "server_error")
+        await self._deliver(exchange, relay, flight, charged=True)
+
+    @staticmethod
+    def _fetch_failed(failure: Failure, flight: Flight) -> None:
+        if not failure.check(CancelledError):  # cancelled: no client wanted it any more
+            log.failure("unexpected error fetching a cacheable answer", failure)
+        flight.fail()
+        flight.abort()
+
+    @staticmethod
+    async def _join(flight: Flight, leader: bool) -> bool:
+        waiting = flight.join(leader)
+        try:
+            return await waiting
+        except CancelledError:
+            flight.leave_waiting(waiting)
+            raise
+
+    async def _deliver(self, exchange: Exchange, relay: Any, flight: Flight, charged: bool) -> None:
+        """Send ``flight``'s answer to the exchange's client; the leader's (``charged``)
+        tokens are its exchange's usage, the others' are tokens saved."""
+        head = flight.head
+        assert head is not None
+        relay.send_head(exchange, head.copy(), flight.length)
+        meter = None
+        if 200 <= head.code < 300:  # usage: to charge (the leader) or to say what was saved
+            content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
+            encoding = head.headers.getRawHeaders(b"content-encoding", [b""])[0]
+            meter = UsageMeter(content_type, encoding, exchange.strip_usage)
+            if charged:
+                exchange.meter = meter
+        record = exchange.context.record
+        subscriber = flight.subscribe(exchange.request, meter, lambda why: setattr(record, "error", why))
+        try:
+            await subscriber.done
+        except CancelledError:
+            subscriber.leave()
+            raise
+        if meter is not None and not charged and subscriber.complete:
+            saved = meter.usage(lambda: estimate_prompt_tokens(exchange.json()))
+            record.tokens_saved = saved.total_tokens
+
+    def _ended(self, flight: Flight, complete: bool) -> None:
+        """The leader's answer is over: forget the flight; store the answer if it may be."""
+        responses = self._responses
+        if responses.flights.get(self.key) is flight:
+            del responses.flights[self.key]
+        entry = self._entry(flight) if complete else None
+        if entry is not None:
+            responses.put(self.key, entry, self._settings.ttl)
+
+    def _entry(self, flight: Flight) -> Optional[Entry]:
+        """The entry to store for a complete answer, or None if it must not be."""
+        head = flight.head
+        if head is None or head.code != 200 or not flight.shareable or not flight.recording:
+            return None
+        if forbids_storing(head.headers):
+            return None
+        chunks = stream_finished(flight.chunks) if flight.streamed else [b"".join(flight.chunks)]
+        if chunks is None:
+            return None
+        created = self._responses.clock.seconds()
+        return Entry(created, head.code, stored_headers(head.headers), flight.streamed, tuple(chunks))
