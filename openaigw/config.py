@@ -139,6 +139,12 @@ class Section:
         """The value as written in the file (for messages: never resolved)."""
         return self._items[key]
 
+    def written(self, key: str, part: str) -> str:
+        """``part`` of ``key``'s resolved value, for a message: itself, or the whole value
+        as written when it holds a secret reference (a resolved secret is never shown)."""
+        raw = self._items[key]
+        return raw if secrets.has_reference(raw) else part
+
     def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
         """The value with its secret references resolved, or ``default``."""
         if key not in self._items:
@@ -300,7 +306,7 @@ def parse(text: str, path: str, environ: Mapping[str, str]) -> Config:
     routes = tuple(_route(s, upstreams, names) for s in route_sections)
     if not routes:
         raise ConfigError(f"{path}: no [route:NAME] section: nothing to serve")
-    _check_overlaps(routes, path)
+    _check_overlaps(routes, route_sections)
     return Config(path, gateway, upstreams, routes, consumers)
 
 
@@ -332,7 +338,8 @@ def _gateway(section: Section) -> GatewayConfig:
     elif access_log != "-":
         access_log = os.path.abspath(access_log)
         if not os.path.isdir(os.path.dirname(access_log)):
-            raise section.error("access_log", f"no directory {os.path.dirname(access_log)}")
+            shown = section.written("access_log", access_log)
+            raise section.error("access_log", f"{shown!r}: its directory does not exist")
     return GatewayConfig(
         listen=listen,
         max_body_size=section.size("max_body_size", GatewayConfig.max_body_size),
@@ -364,12 +371,11 @@ def _check_endpoint(section: Section, key: str, description: str) -> None:
 def _nodes(section: Section, scheme: str) -> Tuple[Node, ...]:
     nodes = []
     default_port = 443 if scheme == "https" else 80
-    hidden = secrets.has_reference(section.raw("nodes")) if "nodes" in section else False
     for number, line in enumerate(section.require("nodes").splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
-        shown = f"line {number}" if hidden else repr(line.strip())  # never a resolved secret
+        shown = repr(section.written("nodes", line.strip()))
         if len(parts) > 2:
             raise section.error("nodes", f"{shown}: expected 'host:port weight'")
         match = re.fullmatch(
@@ -441,13 +447,14 @@ def _upstream(section: Section) -> UpstreamConfig:
 def _check_ca_file(section: Section, path: str) -> None:
     from twisted.internet.ssl import Certificate
 
+    shown = section.written("ca_file", path)
     try:
         with open(path, "rb") as f:
             Certificate.loadPEM(f.read())
     except OSError as e:
-        raise section.error("ca_file", f"cannot read {path}: {e.strerror}") from None
+        raise section.error("ca_file", f"cannot read {shown!r}: {e.strerror}") from None
     except Exception:
-        raise section.error("ca_file", f"{path} holds no PEM certificate") from None
+        raise section.error("ca_file", f"{shown!r} holds no PEM certificate") from None
 
 
 def _plugins(
@@ -505,31 +512,31 @@ def _route(
     for uri in uris:
         if not uri.startswith("/") or "*" in uri[:-1] or "?" in uri:
             raise section.error(
-                "uri", f"{uri!r}: a path starting with '/', optionally ending in '*'"
+                "uri", f"{section.written('uri', uri)!r}: a path starting with '/', optionally ending in '*'"
             )
     methods = None
     if "methods" in section:
         methods = frozenset(m.upper() for m in re.split(r"[\s,]+", section.require("methods")) if m)
         for method in methods:
             if not _TOKEN.fullmatch(method):
-                raise section.error("methods", f"{method!r} is not an HTTP method")
+                raise section.error("methods", f"{section.written('methods', method)!r} is not an HTTP method")
     upstream = section.require("upstream")
     if upstream not in upstreams:
-        raise section.error("upstream", f"no section [upstream:{upstream}]")
+        raise section.error("upstream", f"no section [upstream:{section.written('upstream', upstream)}]")
 
     plugins = _plugins(section, ("uri", "methods", "upstream"), "route", consumers)
     return RouteConfig(name, uris, upstream, methods, plugins)
 
 
-def _check_overlaps(routes: Tuple[RouteConfig, ...], path: str) -> None:
+def _check_overlaps(routes: Tuple[RouteConfig, ...], sections: List[Section]) -> None:
     """Two routes may share a URI only if their methods are disjoint."""
     seen: Dict[str, List[RouteConfig]] = {}
-    for route in routes:
+    for route, section in zip(routes, sections):
         for uri in route.uris:
             for other in seen.get(uri, []):
                 if other.methods is None or route.methods is None or other.methods & route.methods:
-                    raise ConfigError(
-                        f"{path}: [route:{route.name}] uri: {uri!r} is already served by"
+                    raise section.error(
+                        "uri", f"{section.written('uri', uri)!r} is already served by"
                         f" [route:{other.name}] for the same methods"
                     )
             seen.setdefault(uri, []).append(route)
