@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
 
 from openaigw import secrets
+from openaigw.http_syntax import TOKEN
 
 DEFAULT_LISTEN = "tcp:port=9080:interface=127.0.0.1:backlog=511"
 _SIZE = re.compile(r"(?P<number>\d+)\s*(?P<unit>[kmg]?)b?", re.IGNORECASE)
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (methods, header names)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _TRUE = {"on", "true", "yes", "1"}
 _FALSE = {"off", "false", "no", "0"}
@@ -371,7 +371,7 @@ def _check_endpoint(section: Section, key: str, description: str) -> None:
 def _nodes(section: Section, scheme: str) -> Tuple[Node, ...]:
     nodes = []
     default_port = 443 if scheme == "https" else 80
-    for number, line in enumerate(section.require("nodes").splitlines(), 1):
+    for line in section.require("nodes").splitlines():
         parts = line.split()
         if not parts:
             continue
@@ -518,7 +518,7 @@ def _route(
     if "methods" in section:
         methods = frozenset(m.upper() for m in re.split(r"[\s,]+", section.require("methods")) if m)
         for method in methods:
-            if not _TOKEN.fullmatch(method):
+            if not TOKEN.fullmatch(method):
                 raise section.error("methods", f"{section.written('methods', method)!r} is not an HTTP method")
     upstream = section.require("upstream")
     if upstream not in upstreams:

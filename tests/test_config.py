@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from openaigw import secrets
+from openaigw import http_syntax, secrets
 from openaigw.config import ConfigError, Node, load, parse
 
 CONTRACT = """
@@ -259,3 +259,33 @@ def test_sizes_and_defaults():
     assert config.upstreams["u"].nodes == (Node("a.example", 443, 1), Node("b.example", 443, 2))
     assert config.upstreams["u"].retries == 1
     assert config.routes[0].methods is None
+
+
+def test_token_is_rfc_9110s():
+    """TOKEN (str and bytes) matches exactly RFC 9110's tchar, one or more."""
+    tchar = set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    for code in range(256):
+        assert bool(http_syntax.TOKEN.fullmatch(chr(code))) == (chr(code) in tchar), code
+        assert bool(http_syntax.TOKEN_BYTES.fullmatch(bytes([code]))) == (chr(code) in tchar), code
+    assert http_syntax.TOKEN.fullmatch("X-Foo_Bar") and not http_syntax.TOKEN.fullmatch("")
+
+
+@pytest.mark.parametrize(
+    "key, value, valid",
+    [
+        ("methods", "GET PURGE", True),
+        ("methods", "GE(T", False),
+        ("limit-count.key", "header:X-Team_Id", True),
+        ("limit-count.key", "header:X Team", False),
+        ("proxy-rewrite.headers.remove", "X-A X~B", True),
+        ("proxy-rewrite.headers.remove", "X-A X[B", False),
+    ],
+)
+def test_methods_and_header_names_are_tokens(key, value, valid):
+    """Methods and header names in the file are RFC 9110 tokens, the same rule everywhere."""
+    extra = {"limit-count.count": "1", "limit-count.time_window": "1"} if key.startswith("limit") else {}
+    sections = {**VALID, "route:r": {**VALID["route:r"], key: value, **extra}}
+    if valid:
+        parse(_text(sections), "/etc/gw.ini", {})
+    else:
+        assert "[route:r] " + key in bad(_text(sections))

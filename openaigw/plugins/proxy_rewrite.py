@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -11,9 +10,9 @@ from zope.interface import implementer
 
 from openaigw.config import PluginOptions
 from openaigw.exchange import Exchange
+from openaigw.http_syntax import TOKEN
 from openaigw.interfaces import IPlugin, IRequestFilter
 
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FORBIDDEN = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection"))
 
 
@@ -90,7 +89,7 @@ class ProxyRewrite:
     @staticmethod
     def _check_name(options: PluginOptions, option: str, name: str, shown: str) -> None:
         """Check the header ``name`` (``shown`` in messages: as written in the file)."""
-        if not _HEADER_NAME.fullmatch(name):
+        if not TOKEN.fullmatch(name):
             raise options.error(option, f"{shown!r} is not a header name")
         if name.lower().encode("ascii") in _FORBIDDEN:
             raise options.error(option, f"{shown} is set by the gateway itself (see pass_host)")
