@@ -12,10 +12,13 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
 
 from openaigw import secrets
 from openaigw.http_syntax import TOKEN
+
+if TYPE_CHECKING:
+    from openaigw.redisclient import RedisAddress
 
 DEFAULT_LISTEN = "tcp:port=9080:interface=127.0.0.1:backlog=511"
 _SIZE = re.compile(r"(?P<number>\d+)\s*(?P<unit>[kmg]?)b?", re.IGNORECASE)
@@ -54,6 +57,9 @@ class GatewayConfig:
     status: Tuple[str, ...] = ()  # the /metrics, /healthz, /readyz listener(s)
     metrics_max_models: int = 50
     shutdown_timeout: float = 30.0
+    state: Optional["RedisAddress"] = None  # None: each process's memory
+    state_timeout: float = 0.25
+    state_unavailable: str = "reject"  # or "allow"
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,13 @@ class Section:
             return default
         try:
             return secrets.resolve(self._items[key], self._environ)
+        except secrets.SecretError as e:
+            raise self.error(key, str(e)) from None
+
+    def resolve(self, key: str, text: str) -> str:
+        """``text``, a part of ``key``'s value, with its secret references resolved."""
+        try:
+            return secrets.resolve(text, self._environ)
         except secrets.SecretError as e:
             raise self.error(key, str(e)) from None
 
@@ -322,6 +335,7 @@ def _gateway(section: Section) -> GatewayConfig:
         (
             "listen", "max_body_size", "access_log", "access_log_format", "status",
             "metrics_max_models", "shutdown_timeout",
+            "state", "state_timeout", "state_unavailable",
         ),
     )
     listen = tuple((section.get("listen") or DEFAULT_LISTEN).split())
@@ -348,7 +362,33 @@ def _gateway(section: Section) -> GatewayConfig:
         status=status,
         metrics_max_models=section.number("metrics_max_models", 50, integer=True),
         shutdown_timeout=section.number("shutdown_timeout", 30.0),
+        state=_state(section),
+        state_timeout=_positive(section, "state_timeout", 0.25),
+        state_unavailable=section.choice("state_unavailable", "reject", ("reject", "allow")),
     )
+
+
+def _positive(section: Section, key: str, default: float) -> float:
+    value: float = section.number(key, default)
+    if value <= 0:
+        raise section.error(key, "must be above 0")
+    return value
+
+
+def _state(section: Section) -> Optional["RedisAddress"]:
+    """``memory`` (None) or where Redis is; errors never quote the value (it may hold
+    the password)."""
+    raw = section.raw("state").strip() if "state" in section else "memory"
+    if raw.lower() == "memory":
+        return None
+    from openaigw.redisclient import parse_url
+
+    try:
+        if raw.startswith("$"):  # the whole URL is a secret
+            return parse_url(section.resolve("state", raw))
+        return parse_url(raw, lambda text: section.resolve("state", text))
+    except ValueError as e:
+        raise section.error("state", str(e)) from None
 
 
 def _check_endpoint(section: Section, key: str, description: str) -> None:

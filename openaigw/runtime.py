@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from openaigw.consumers import KeyRing
 from openaigw.counters import MemoryConcurrency, MemoryLeakyBuckets, MemoryWindowCounters
@@ -12,13 +12,19 @@ from openaigw.interfaces import IConcurrency, ILeakyBuckets, IWindowCounters
 
 @dataclass
 class Runtime:
-    """Built once per configuration; ``memory`` gives the embedded defaults."""
+    """Built once per configuration; ``memory`` gives the embedded defaults.
+
+    ``redis`` is the gateway's :class:`openaigw.redisclient.RedisClient` when
+    ``[gateway] state`` names a Redis (None with ``state = memory``): stores that
+    gateways share (limits, cache, Admin API objects) build on it.
+    """
 
     clock: Any
     counters: IWindowCounters
     buckets: ILeakyBuckets
     concurrency: IConcurrency
     keyring: KeyRing = field(default_factory=lambda: KeyRing())
+    redis: Optional[Any] = None
 
     @classmethod
     def memory(cls, clock: Any) -> "Runtime":
