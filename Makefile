@@ -4,10 +4,13 @@ VENV := .venv
 FLOOR := .venv-floor
 # Debian bookworm's own packages: the oldest versions we support.
 FLOOR_DEBS := python3-twisted python3-openssl python3-service-identity \
-	python3-zope.interface python3-prometheus-client python3-pytest python3-treq python3-venv
+	python3-zope.interface python3-prometheus-client python3-pytest python3-treq python3-venv \
+	python3-hiredis
+# What the tests run against: Debian's redis-server (shared state).
+TEST_DEBS := redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-latest test-floor demo check bench clean
+.PHONY: run test test-latest test-floor test-debs demo check bench clean
 
 $(VENV)/.installed: setup.py requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,16 +34,21 @@ check: $(VENV)/.installed
 
 test: test-latest test-floor
 
-test-latest: $(VENV)/.installed
+test-debs:
+	@dpkg-query -W $(TEST_DEBS) >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(TEST_DEBS) >/dev/null; }
+
+test-latest: $(VENV)/.installed test-debs
 	@$(VENV)/bin/python -c 'import twisted, OpenSSL; print("latest: Twisted", twisted.__version__, "pyOpenSSL", OpenSSL.__version__)'
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/python -m pytest -q tests
 
-test-floor: $(FLOOR)/.installed
+test-floor: $(FLOOR)/.installed test-debs
 	@$(FLOOR)/bin/python -c 'import twisted, OpenSSL; print("floor: Twisted", twisted.__version__, "pyOpenSSL", OpenSSL.__version__)'
 	PYTHONPATH=$(CURDIR) $(FLOOR)/bin/python -m pytest -q -p no:cacheprovider tests
 
 BENCH_DEBS := nginx-light libnginx-mod-http-echo wrk
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed test-debs
 	dpkg-query -W $(BENCH_DEBS) >/dev/null 2>&1 || { \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(BENCH_DEBS) >/dev/null; }

@@ -17,5 +17,6 @@ setup(
         "service-identity>=18.1",
         "zope.interface>=5.5",
         "prometheus-client>=0.16",
+        "hiredis>=1.0",
     ],
 )

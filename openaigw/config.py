@@ -12,13 +12,16 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
 
 from openaigw import secrets
+from openaigw.http_syntax import TOKEN
+
+if TYPE_CHECKING:
+    from openaigw.redisclient import RedisAddress
 
 DEFAULT_LISTEN = "tcp:port=9080:interface=127.0.0.1:backlog=511"
 _SIZE = re.compile(r"(?P<number>\d+)\s*(?P<unit>[kmg]?)b?", re.IGNORECASE)
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (methods, header names)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _TRUE = {"on", "true", "yes", "1"}
 _FALSE = {"off", "false", "no", "0"}
@@ -54,6 +57,9 @@ class GatewayConfig:
     status: Tuple[str, ...] = ()  # the /metrics, /healthz, /readyz listener(s)
     metrics_max_models: int = 50
     shutdown_timeout: float = 30.0
+    state: Optional["RedisAddress"] = None  # None: each process's memory
+    state_timeout: float = 0.25
+    state_unavailable: str = "reject"  # or "allow"
 
 
 @dataclass(frozen=True)
@@ -139,12 +145,25 @@ class Section:
         """The value as written in the file (for messages: never resolved)."""
         return self._items[key]
 
+    def written(self, key: str, part: str) -> str:
+        """``part`` of ``key``'s resolved value, for a message: itself, or the whole value
+        as written when it holds a secret reference (a resolved secret is never shown)."""
+        raw = self._items[key]
+        return raw if secrets.has_reference(raw) else part
+
     def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
         """The value with its secret references resolved, or ``default``."""
         if key not in self._items:
             return default
         try:
             return secrets.resolve(self._items[key], self._environ)
+        except secrets.SecretError as e:
+            raise self.error(key, str(e)) from None
+
+    def resolve(self, key: str, text: str) -> str:
+        """``text``, a part of ``key``'s value, with its secret references resolved."""
+        try:
+            return secrets.resolve(text, self._environ)
         except secrets.SecretError as e:
             raise self.error(key, str(e)) from None
 
@@ -300,7 +319,7 @@ def parse(text: str, path: str, environ: Mapping[str, str]) -> Config:
     routes = tuple(_route(s, upstreams, names) for s in route_sections)
     if not routes:
         raise ConfigError(f"{path}: no [route:NAME] section: nothing to serve")
-    _check_overlaps(routes, path)
+    _check_overlaps(routes, route_sections)
     return Config(path, gateway, upstreams, routes, consumers)
 
 
@@ -316,6 +335,7 @@ def _gateway(section: Section) -> GatewayConfig:
         (
             "listen", "max_body_size", "access_log", "access_log_format", "status",
             "metrics_max_models", "shutdown_timeout",
+            "state", "state_timeout", "state_unavailable",
         ),
     )
     listen = tuple((section.get("listen") or DEFAULT_LISTEN).split())
@@ -332,7 +352,8 @@ def _gateway(section: Section) -> GatewayConfig:
     elif access_log != "-":
         access_log = os.path.abspath(access_log)
         if not os.path.isdir(os.path.dirname(access_log)):
-            raise section.error("access_log", f"no directory {os.path.dirname(access_log)}")
+            shown = section.written("access_log", access_log)
+            raise section.error("access_log", f"{shown!r}: its directory does not exist")
     return GatewayConfig(
         listen=listen,
         max_body_size=section.size("max_body_size", GatewayConfig.max_body_size),
@@ -341,7 +362,33 @@ def _gateway(section: Section) -> GatewayConfig:
         status=status,
         metrics_max_models=section.number("metrics_max_models", 50, integer=True),
         shutdown_timeout=section.number("shutdown_timeout", 30.0),
+        state=_state(section),
+        state_timeout=_positive(section, "state_timeout", 0.25),
+        state_unavailable=section.choice("state_unavailable", "reject", ("reject", "allow")),
     )
+
+
+def _positive(section: Section, key: str, default: float) -> float:
+    value: float = section.number(key, default)
+    if value <= 0:
+        raise section.error(key, "must be above 0")
+    return value
+
+
+def _state(section: Section) -> Optional["RedisAddress"]:
+    """``memory`` (None) or where Redis is; errors never quote the value (it may hold
+    the password)."""
+    raw = section.raw("state").strip() if "state" in section else "memory"
+    if raw.lower() == "memory":
+        return None
+    from openaigw.redisclient import parse_url
+
+    try:
+        if raw.startswith("$"):  # the whole URL is a secret
+            return parse_url(section.resolve("state", raw))
+        return parse_url(raw, lambda text: section.resolve("state", text))
+    except ValueError as e:
+        raise section.error("state", str(e)) from None
 
 
 def _check_endpoint(section: Section, key: str, description: str) -> None:
@@ -364,12 +411,11 @@ def _check_endpoint(section: Section, key: str, description: str) -> None:
 def _nodes(section: Section, scheme: str) -> Tuple[Node, ...]:
     nodes = []
     default_port = 443 if scheme == "https" else 80
-    hidden = secrets.has_reference(section.raw("nodes")) if "nodes" in section else False
-    for number, line in enumerate(section.require("nodes").splitlines(), 1):
+    for line in section.require("nodes").splitlines():
         parts = line.split()
         if not parts:
             continue
-        shown = f"line {number}" if hidden else repr(line.strip())  # never a resolved secret
+        shown = repr(section.written("nodes", line.strip()))
         if len(parts) > 2:
             raise section.error("nodes", f"{shown}: expected 'host:port weight'")
         match = re.fullmatch(
@@ -441,13 +487,14 @@ def _upstream(section: Section) -> UpstreamConfig:
 def _check_ca_file(section: Section, path: str) -> None:
     from twisted.internet.ssl import Certificate
 
+    shown = section.written("ca_file", path)
     try:
         with open(path, "rb") as f:
             Certificate.loadPEM(f.read())
     except OSError as e:
-        raise section.error("ca_file", f"cannot read {path}: {e.strerror}") from None
+        raise section.error("ca_file", f"cannot read {shown!r}: {e.strerror}") from None
     except Exception:
-        raise section.error("ca_file", f"{path} holds no PEM certificate") from None
+        raise section.error("ca_file", f"{shown!r} holds no PEM certificate") from None
 
 
 def _plugins(
@@ -505,31 +552,31 @@ def _route(
     for uri in uris:
         if not uri.startswith("/") or "*" in uri[:-1] or "?" in uri:
             raise section.error(
-                "uri", f"{uri!r}: a path starting with '/', optionally ending in '*'"
+                "uri", f"{section.written('uri', uri)!r}: a path starting with '/', optionally ending in '*'"
             )
     methods = None
     if "methods" in section:
         methods = frozenset(m.upper() for m in re.split(r"[\s,]+", section.require("methods")) if m)
         for method in methods:
-            if not _TOKEN.fullmatch(method):
-                raise section.error("methods", f"{method!r} is not an HTTP method")
+            if not TOKEN.fullmatch(method):
+                raise section.error("methods", f"{section.written('methods', method)!r} is not an HTTP method")
     upstream = section.require("upstream")
     if upstream not in upstreams:
-        raise section.error("upstream", f"no section [upstream:{upstream}]")
+        raise section.error("upstream", f"no section [upstream:{section.written('upstream', upstream)}]")
 
     plugins = _plugins(section, ("uri", "methods", "upstream"), "route", consumers)
     return RouteConfig(name, uris, upstream, methods, plugins)
 
 
-def _check_overlaps(routes: Tuple[RouteConfig, ...], path: str) -> None:
+def _check_overlaps(routes: Tuple[RouteConfig, ...], sections: List[Section]) -> None:
     """Two routes may share a URI only if their methods are disjoint."""
     seen: Dict[str, List[RouteConfig]] = {}
-    for route in routes:
+    for route, section in zip(routes, sections):
         for uri in route.uris:
             for other in seen.get(uri, []):
                 if other.methods is None or route.methods is None or other.methods & route.methods:
-                    raise ConfigError(
-                        f"{path}: [route:{route.name}] uri: {uri!r} is already served by"
+                    raise section.error(
+                        "uri", f"{section.written('uri', uri)!r} is already served by"
                         f" [route:{other.name}] for the same methods"
                     )
             seen.setdefault(uri, []).append(route)

@@ -47,6 +47,15 @@ class InvalidResponse(Exception):
     """The upstream's answer is not HTTP/1.1 this client can read."""
 
 
+class ResponseTimeout(Exception):
+    """No answer's head came within the timeout after the request was written."""
+
+
+class StaleConnection(ResponseNeverReceived):
+    """A reused connection was lost before any of the answer: the upstream may have
+    closed it while it was idle (or crashed with the request)."""
+
+
 def serialize_request(method: bytes, path: bytes, headers: Headers, body: Optional[bytes]) -> bytes:
     """The request head; with ``Content-Length`` when ``body`` is not None."""
     lines = [b"%s %s HTTP/1.1" % (method, path)]
@@ -131,6 +140,7 @@ class UpstreamConnection(Protocol):
 
     def __init__(self, pool: "ConnectionPool", key: Any) -> None:
         self._pool = pool
+        self._clock = pool._reactor
         self.key = key
         self._state = _IDLE
         self._buffer = b""
@@ -143,16 +153,20 @@ class UpstreamConnection(Protocol):
         self._reusable = False
         self._stopped = False
         self._answering = False  # some of the answer has come
+        self._reused = False  # an earlier request had its whole answer here
         self._lost: List[Deferred[None]] = []
         self.idle_timer: Any = None
         self.idle_since = 0.0
 
-    def send(self, data: List[bytes], head_only: bool) -> "Deferred[UpstreamResponse]":
-        """Write the request (``data``, head and body); fire with the answer's head."""
+    def send(self, data: List[bytes], head_only: bool, timeout: float) -> "Deferred[UpstreamResponse]":
+        """Write the request (``data``, head and body); fire with the answer's head,
+        or fail with :class:`ResponseTimeout` if it has not come within ``timeout``
+        seconds (the connection is then aborted)."""
         self._state = _HEAD
         self._head_only = head_only
         self._answering = False
         waiting: Deferred[UpstreamResponse] = Deferred(lambda _: self._abort())
+        waiting.addTimeout(timeout, self._clock, _no_answer)
         self._waiting = waiting
         self.transport.writeSequence(data)
         return waiting
@@ -371,6 +385,7 @@ class UpstreamConnection(Protocol):
         if self._state != _IDLE:
             return
         if self._reusable:
+            self._reused = True
             self.transport.resumeProducing()  # the consumer may have paused it
             self._pool._release(self)
         else:
@@ -394,7 +409,10 @@ class UpstreamConnection(Protocol):
         response, self._response = self._response, None
         if waiting is not None and not waiting.called:
             # Once the upstream has begun to answer, it has the request: not "never".
-            waiting.errback((ResponseFailed if self._answering else ResponseNeverReceived)([reason]))
+            if self._answering:
+                waiting.errback(ResponseFailed([reason]))
+            else:
+                waiting.errback((StaleConnection if self._reused else ResponseNeverReceived)([reason]))
         elif response is not None:
             ended_cleanly = reason.check(ConnectionDone) is not None
             if self._remaining == _AT_CLOSE and ended_cleanly and not self._stopped:
@@ -405,6 +423,10 @@ class UpstreamConnection(Protocol):
         lost, self._lost = self._lost, []
         for d in lost:
             d.callback(None)
+
+
+def _no_answer(result: Any, timeout: float) -> None:
+    raise ResponseTimeout(f"The upstream server did not answer within {timeout:g}s")
 
 
 class _ConnectionFactory(Factory):
@@ -420,7 +442,8 @@ class _ConnectionFactory(Factory):
 
 class ConnectionPool:
     """Connections to an upstream's nodes; up to ``max_idle`` idle ones kept per node
-    for ``idle_timeout`` seconds, reused oldest first."""
+    for ``idle_timeout`` seconds, reused most recently used first (the others age out,
+    and the least idle one is the least likely to have been closed by the upstream)."""
 
     def __init__(self, reactor: Any, endpoints: Dict[Any, Any], max_idle: int, idle_timeout: float) -> None:
         self._reactor = reactor
@@ -430,22 +453,14 @@ class ConnectionPool:
         self._idle: Dict[Any, List[UpstreamConnection]] = {}
         self._closed = False
 
-    def request(
-        self, key: Any, data: List[bytes], head_only: bool, on_sent: Callable[[], None]
-    ) -> Tuple["Deferred[UpstreamResponse]", bool]:
-        """Send ``data`` (a serialized request) to node ``key``; ``on_sent`` runs once
-        it is written.  Returns the answer's head to come, and whether an idle
-        connection was reused."""
-        def send(connection: UpstreamConnection) -> "Deferred[UpstreamResponse]":
-            answer = connection.send(data, head_only)
-            on_sent()
-            return answer
-
+    def request(self, key: Any, data: List[bytes], head_only: bool, timeout: float) -> "Deferred[UpstreamResponse]":
+        """Send ``data`` (a serialized request) to node ``key`` on an idle connection
+        or a new one; fire with the answer's head (see :meth:`UpstreamConnection.send`)."""
         idle = self._idle.get(key)
         if idle:
-            return send(idle.pop(0)), True  # (its idle timer stays: see _expire)
+            return idle.pop().send(data, head_only, timeout)  # (its idle timer stays: see _expire)
         connecting = self._endpoints[key].connect(_ConnectionFactory(self, key))
-        return connecting.addCallback(send), False
+        return connecting.addCallback(UpstreamConnection.send, data, head_only, timeout)
 
     def _release(self, connection: UpstreamConnection) -> None:
         idle = self._idle.setdefault(connection.key, [])
@@ -480,10 +495,14 @@ class ConnectionPool:
         if connection in idle:
             idle.remove(connection)
 
-    def close_idle(self) -> "Deferred[Any]":
-        """Close the idle connections; fires once they are closed."""
+    def close_idle(self, key: Any = None) -> "Deferred[Any]":
+        """Close the idle connections (to node ``key``, or to all); fires once they
+        are closed."""
         closing = []
-        idle, self._idle = self._idle, {}
+        if key is None:
+            idle, self._idle = self._idle, {}
+        else:
+            idle = {key: self._idle.pop(key, [])}
         for connections in idle.values():
             for connection in connections:
                 closing.append(connection.when_lost())

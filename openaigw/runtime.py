@@ -14,13 +14,19 @@ from openaigw.interfaces import IConcurrency, ILeakyBuckets, IWindowCounters
 
 @dataclass
 class Runtime:
-    """Built once per configuration; ``memory`` gives the embedded defaults."""
+    """Built once per configuration; ``memory`` gives the embedded defaults.
+
+    ``redis`` is the gateway's :class:`openaigw.redisclient.RedisClient` when
+    ``[gateway] state`` names a Redis (None with ``state = memory``): stores that
+    gateways share (limits, cache, Admin API objects) build on it.
+    """
 
     clock: Any
     counters: IWindowCounters
     buckets: ILeakyBuckets
     concurrency: IConcurrency
     keyring: KeyRing = field(default_factory=lambda: KeyRing())
+    redis: Optional[Any] = None
     responses: Optional[ResponseCache] = None  # the response cache (memory() makes one)
 
     @classmethod

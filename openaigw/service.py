@@ -24,6 +24,7 @@ from openaigw.relay import RouteResource
 from openaigw.router import Router
 from openaigw.runtime import Runtime
 from openaigw.server import GatewaySite
+from openaigw.state import build_runtime, state_changed
 from openaigw.status import StatusSite, status_resource
 from openaigw.telemetry import Telemetry
 from openaigw.upstream import Upstream
@@ -82,7 +83,7 @@ class GatewayService(Service):
         self.config = config
         self._reactor = reactor
         self.telemetry = Telemetry()
-        self._runtime = Runtime.memory(reactor)
+        self._runtime = build_runtime(config.gateway, reactor)
         self._configure_telemetry(config)
         self.site, self._upstreams = build_site(config, reactor, self._runtime, self.telemetry)
         self.status_site = StatusSite(status_resource(self, self.telemetry.metrics))
@@ -147,6 +148,8 @@ class GatewayService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self._runtime.redis is not None:
+            self._runtime.redis.start()
         signal.signal(signal.SIGHUP, self._signal)
         # After twistd's own handlers are in place: a SIGTERM stop is a clean exit (0),
         # not a re-raised signal.
@@ -175,9 +178,17 @@ class GatewayService(Service):
         except configuration.ConfigError as e:
             log.error("reload refused, still serving the previous configuration: {error}", error=str(e))
             return
+        if state_changed(self.config.gateway, config.gateway):
+            log.error(
+                "reload refused, still serving the previous configuration: {path}: [gateway]"
+                " state, state_timeout and state_unavailable change only at a restart",
+                path=config.path,
+            )
+            return
         try:
             runtime = Runtime(self._reactor, self._runtime.counters, self._runtime.buckets,
-                              self._runtime.concurrency, KeyRing(), self._runtime.responses)
+                              self._runtime.concurrency, KeyRing(), self._runtime.redis,
+                              self._runtime.responses)
             root, upstreams = build_routes(config, self._reactor, runtime, self.telemetry)
             self._configure_telemetry(config)
         except Exception:
@@ -216,6 +227,8 @@ class GatewayService(Service):
         await self.site.drain(timeout)
         await self._close_ports(list(self._ports))
         await DeferredList([upstream.close() for upstream in self._upstreams.values()])
+        if self._runtime.redis is not None:
+            await self._runtime.redis.close()
         if self.telemetry.access_log is not None:
             self.telemetry.access_log.close()
 

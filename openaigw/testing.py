@@ -2,7 +2,8 @@
 
 ``FakeOpenAI`` is a twisted.web resource that answers like the OpenAI API and
 records what it receives; ``make_test_ca`` writes a throw-away PKI;
-``start_fake_upstream`` runs ``python -m openaigw.testing`` as a subprocess.
+``start_fake_upstream`` runs ``python -m openaigw.testing`` as a subprocess;
+``RedisServer`` runs Debian's redis-server on loopback.
 
 Per-request knobs (request headers): ``X-Fake-Chunks`` (stream chunks, default
 5), ``X-Fake-Interval-Ms`` (gap between chunks, default 10), ``X-Fake-Delay-Ms``
@@ -497,6 +498,68 @@ def start_gateway(
                 stop_process(proc)
                 raise RuntimeError(f"gateway not listening on {port}; see {log_path}")
             time.sleep(0.05)
+
+
+class RedisServer:
+    """Debian's ``redis-server`` on 127.0.0.1, for tests and benchmarks: no
+    persistence, its files in ``directory``; ``stop()`` and ``start()`` again on the
+    same port (a restart loses the data and the loaded scripts, as a real one does)."""
+
+    def __init__(self, directory: "str | os.PathLike[str]", password: Optional[str] = None) -> None:
+        self.directory = os.fspath(directory)
+        self.password = password
+        self.port = free_port()
+        self.extra = ""  # more redis.conf lines
+        self.proc: "Optional[subprocess.Popen[bytes]]" = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        config = os.path.join(self.directory, "redis.conf")
+        with open(config, "w", encoding="utf-8") as f:  # the password stays out of argv
+            f.write(f"port {self.port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\n"
+                    f"dir {self.directory}\nlogfile {os.path.join(self.directory, 'redis.log')}\n"
+                    + (f"requirepass {self.password}\n" if self.password else "") + self.extra)
+        self.proc = subprocess.Popen(["redis-server", config], stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start; see {self.directory}/redis.log")
+            time.sleep(0.02)
+        return self
+
+    def ping(self) -> bool:
+        """Whether it answers (a blocking PING, for set-up code)."""
+        try:
+            return self.command("PING") in (b"+PONG\r\n", b"-NOAUTH Authentication required.\r\n")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """One command over a fresh connection (after AUTH): the raw reply line(s)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            out = b""
+            if self.password:
+                out += b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(self.password), self.password.encode())
+            out += b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args)
+            sock.sendall(out)
+            data = b""
+            want = 2 if self.password else 1
+            while data.count(b"\r\n") < want:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return data.split(b"\r\n", 1)[1] if self.password else data
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
 
 
 class _StopOnEOF(Protocol):

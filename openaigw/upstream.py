@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Set, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import error as neterror
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -19,15 +20,21 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from openaigw import errors
 from openaigw.balancer import RoundRobin
 from openaigw.config import Node, UpstreamConfig
 from openaigw.exchange import Exchange
-from openaigw.h1client import ConnectionPool, InvalidResponse, serialize_request
+from openaigw.h1client import (
+    ConnectionPool,
+    InvalidResponse,
+    ResponseTimeout,
+    StaleConnection,
+    serialize_request,
+)
 from openaigw.telemetry import Telemetry
 
 log = Logger()
@@ -111,19 +118,11 @@ class NodeEndpoint:
             else:
                 connecting.cancel()
 
-        def timed_out() -> None:
-            ready.errback(ConnectTimeout(f"no connection within {self._timeout:g}s"))
-            abort()
+        def timed_out(result: object, timeout: float) -> None:
+            raise ConnectTimeout(f"no connection within {timeout:g}s")
 
         ready = Deferred(abort)
-        timer = self._reactor.callLater(self._timeout, timed_out)
-
-        def stop_timer(result: object) -> object:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        ready.addBoth(stop_timer)
+        ready.addTimeout(self._timeout, self._reactor, timed_out)
 
         def tcp_up(protocol: Any) -> None:
             connected["protocol"] = protocol
@@ -135,7 +134,8 @@ class NodeEndpoint:
                 ready.callback(protocol)
 
         def tcp_failed(failure: Failure) -> None:
-            if not ready.called:
+            # (Cancelled by abort: ready's own cancellation reports it.)
+            if not ready.called and not failure.check(neterror.ConnectingCancelledError):
                 ready.errback(failure)
 
         if self._tls is not None:
@@ -163,61 +163,92 @@ def node_endpoints(reactor: Any, config: UpstreamConfig) -> Dict[Node, NodeEndpo
     }
 
 
-@implementer(IBodyProducer)
-class _BodyProducer:
-    """Writes the (already buffered) request body at once; tells when sending starts."""
+# What went wrong with one attempt (AttemptFailure.kind).
+CONNECT = "connect"  # refused, unreachable, reset while connecting
+DNS = "dns"  # the node's name did not resolve
+TLS = "tls"  # the handshake or the certificate check failed
+CONNECT_TIMEOUT = "connect_timeout"  # no connection within timeout_connect
+TIMEOUT = "timeout"  # no answer's head within timeout_read of the request being written
+LOST = "lost"  # the connection was lost before any of the answer
+STALE = "stale"  # the same, on a reused connection (the upstream may have closed it idle)
+CUT = "cut"  # the connection was lost in the answer's head
+INVALID = "invalid"  # the answer is not HTTP/1.1 this client can read
 
-    def __init__(self, body: bytes, on_start: Any) -> None:
-        self.length = len(body)
-        self._body = body
-        self._on_start = on_start
-
-    def startProducing(self, consumer: Any) -> "Deferred[None]":
-        self._on_start()
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
+# Methods a proxy may repeat on its own (RFC 9110 9.2.2), when they carry no body.
+_REPEATABLE = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 
 
-def _cancelled(failure_or_error: Any) -> bool:
-    """Whether an agent error is the result of cancelling the request."""
-    if isinstance(failure_or_error, CancelledError):
-        return True
-    reasons = getattr(failure_or_error, "reasons", ())
-    return any(reason.check(CancelledError) for reason in reasons)
+@dataclass(frozen=True)
+class AttemptFailure:
+    """Why one attempt at a node brought no answer: what a retry policy (and a node's
+    health) is decided on.
+
+    ``reached`` says whether the request may have reached the upstream (then it is
+    not sent again, RFC 9110 9.2.2); ``error`` is what the client gets when no other
+    attempt is made; ``detail`` is for the log.
+    """
+
+    kind: str
+    node: Node
+    reached: bool
+    error: errors.GatewayError
+    detail: str
+
+
+def classify(error: BaseException, node: Node) -> AttemptFailure:
+    """The :class:`AttemptFailure` for an attempt at ``node`` that raised ``error``.
+
+    The pool writes the request once the connection is up, so what the connection
+    reports (timeout, loss, an invalid answer) came after the request was written;
+    anything else failed on the way to a usable connection.
+    """
+    if isinstance(error, ResponseTimeout):
+        kind, reached, answer = TIMEOUT, True, errors.gateway_timeout(str(error))
+    elif isinstance(error, InvalidResponse):
+        kind, reached = INVALID, True
+        answer = errors.bad_gateway("The upstream server sent an invalid response", "invalid_response")
+    elif isinstance(error, (ResponseNeverReceived, ResponseFailed)):
+        if isinstance(error, StaleConnection):
+            kind = STALE
+        else:
+            kind = LOST if isinstance(error, ResponseNeverReceived) else CUT
+        reached, answer = True, errors.bad_gateway("The upstream server closed the connection", "closed")
+    else:
+        reached = False
+        name = type(error).__module__ + "." + type(error).__name__
+        if "OpenSSL" in name or "service_identity" in name or "VerificationError" in name:
+            kind, answer = TLS, errors.bad_gateway("TLS verification of the upstream server failed", "tls")
+        elif isinstance(error, (ConnectTimeout, neterror.TimeoutError)):
+            kind = CONNECT_TIMEOUT
+            answer = errors.bad_gateway("Connecting to the upstream server timed out", "connect_timeout")
+        elif isinstance(error, neterror.DNSLookupError):
+            kind, answer = DNS, errors.bad_gateway("The upstream server could not be reached", "dns")
+        else:
+            kind, answer = CONNECT, errors.bad_gateway("The upstream server could not be reached", "connect")
+    return AttemptFailure(kind, node, reached, answer, _describe(error))
+
+
+_LOG_FORMATS = {
+    TIMEOUT: "upstream {upstream} node {node}: no response within {timeout}s",
+    INVALID: "upstream {upstream} node {node}: invalid response: {reason}",
+    LOST: "upstream {upstream} node {node}: connection lost before the response (new connection): {reason}",
+    STALE: "upstream {upstream} node {node}: connection lost before the response (reused connection): {reason}",
+    CUT: "upstream {upstream} node {node}: connection lost in the answer's head: {reason}",
+}
+_CANNOT_CONNECT = "upstream {upstream} node {node}: cannot connect: {reason}"
 
 
 class Upstream:
     """One ``[upstream:NAME]``: its connection pool, balancer and request policy."""
 
-    def __init__(
-        self,
-        reactor: Any,
-        config: UpstreamConfig,
-        telemetry: Optional[Telemetry] = None,
-        agent: Optional[IAgent] = None,
-    ) -> None:
-        """Requests go over a pool of connections to :class:`NodeEndpoint` s, unless an
-        ``agent`` is given: then it is asked for ``<scheme>://n<node index>:<port><path>``."""
+    def __init__(self, reactor: Any, config: UpstreamConfig, telemetry: Optional[Telemetry] = None) -> None:
+        """Requests go over a pool of connections to the nodes' :class:`NodeEndpoint` s."""
         self.config = config
-        self._reactor = reactor
         self._telemetry = telemetry or Telemetry()
         self._balancer = RoundRobin(config.nodes)
-        self._index = {node: index for index, node in enumerate(config.nodes)}
         self.pool = ConnectionPool(
-            reactor, node_endpoints(reactor, config) if agent is None else {},
-            config.keepalive_pool, config.keepalive_timeout,
+            reactor, node_endpoints(reactor, config), config.keepalive_pool, config.keepalive_timeout
         )
-        self._agent = agent
-        self._scheme = config.scheme.encode("ascii")
         default = 443 if config.scheme == "https" else 80
         self._node_hosts = {  # Host as pass_host = node sends it
             node: (node.address if node.port != default else node.address.rsplit(":", 1)[0]).encode("idna")
@@ -240,126 +271,70 @@ class Upstream:
     async def send(self, exchange: Exchange) -> Tuple[IResponse, Node]:
         """Send ``exchange`` to a node; return the response (headers received).
 
-        A node that cannot be connected to (or whose TLS fails) is left for the next
-        one, up to ``retries`` times.  A reused keep-alive connection that the
-        upstream had closed is retried once on a new connection.  A request that
-        may have reached an upstream is never sent again.  Raises
-        :class:`GatewayError` (502, 504) when no response can be had.
+        Each failed attempt is classified (:func:`classify`) and reported, and
+        :meth:`_next_node` decides on another.  Raises :class:`GatewayError` (502,
+        504) when no response can be had.
         """
-        tried: Set[Node] = set()
-        retries_left = self.config.retries
-        stale_retry = True
+        failures: List[AttemptFailure] = []
         node = self._balancer.pick()
         while True:
             assert node is not None
             exchange.node = node.address
-            attempt: Dict[str, bool] = {}
             try:
-                return await self._attempt(node, exchange, attempt), node
-            except errors.GatewayError as e:
-                self._telemetry.upstream_failed(self.config.name, node.address, e.reason)
-                raise
-            except InvalidResponse as e:
-                log.warn(
-                    "upstream {upstream} node {node}: invalid response: {reason}",
-                    upstream=self.config.name, node=node.address, reason=e,
-                )
-                failure = errors.bad_gateway("The upstream server sent an invalid response", "invalid_response")
-                self._telemetry.upstream_failed(self.config.name, node.address, failure.reason)
-                raise failure  # it may have acted on the request: not sent again
-            except (ResponseNeverReceived, RequestTransmissionFailed) as e:
-                # (_attempt has turned a cancellation into CancelledError already)
-                log.warn(
-                    "upstream {upstream} node {node}: connection lost before the response"
-                    " ({connection} connection): {reason}",
-                    upstream=self.config.name, node=node.address, reason=_describe(e),
-                    connection="reused" if attempt.get("reused") else "new",
-                )
-                failure = errors.bad_gateway("The upstream server closed the connection", "closed")
-                self._telemetry.upstream_failed(self.config.name, node.address, failure.reason)
-                if attempt.get("reused") and stale_retry:
-                    # Idle connections the upstream closed: those idle as long may be too.
-                    stale_retry = False
-                    self.pool.close_idle()
-                    exchange.retries += 1
-                    continue  # same node, a new connection
-                if isinstance(e, ResponseNeverReceived):
-                    raise failure  # the upstream may have the request: not sent again
-            except ResponseFailed as e:  # the answer began, then the connection was lost
-                log.warn(
-                    "upstream {upstream} node {node}: connection lost in the answer's head: {reason}",
-                    upstream=self.config.name, node=node.address, reason=_describe(e),
-                )
-                failure = errors.bad_gateway("The upstream server closed the connection", "closed")
-                self._telemetry.upstream_failed(self.config.name, node.address, failure.reason)
-                raise failure
+                return await self._request(node, exchange), node
             except CancelledError:
                 raise
             except Exception as e:
-                log.warn(
-                    "upstream {upstream} node {node}: cannot connect: {reason}",
-                    upstream=self.config.name, node=node.address, reason=_describe(e),
-                )
-                failure = _connect_error(e)
-                self._telemetry.upstream_failed(self.config.name, node.address, failure.reason)
-            tried.add(node)
-            if retries_left <= 0:
-                raise failure
-            retries_left -= 1
-            node = self._balancer.pick(tried)
+                failure = classify(e, node)
+            self._report(failure)
+            failures.append(failure)
+            node = self._next_node(failures, exchange)
             if node is None:
-                raise failure
+                raise failure.error
             exchange.retries += 1
 
-    async def _attempt(self, node: Node, exchange: Exchange, attempt: Dict[str, bool]) -> IResponse:
+    def _next_node(self, failures: List[AttemptFailure], exchange: Exchange) -> Optional[Node]:
+        """Where to send ``exchange`` after ``failures`` (the last is the latest), or None.
+
+        A request that never left the gateway goes to the next untried node, up to
+        ``retries`` other nodes.  A request that may have reached an upstream is not
+        sent again, except a bodiless GET, HEAD or OPTIONS whose reused connection
+        was lost before any of the answer: it goes once more to the same node, on a
+        new connection (RFC 9110 9.2.2 lets a proxy repeat idempotent requests).
+        """
+        failure = failures[-1]
+        if failure.kind == STALE and _repeatable(exchange) and [f.kind for f in failures].count(STALE) == 1:
+            self.pool.close_idle(failure.node)  # idle at least as long: maybe stale too
+            return failure.node
+        if failure.reached:
+            return None
+        tried = {f.node for f in failures}
+        if len(tried) > self.config.retries:
+            return None
+        return self._balancer.pick(tried)
+
+    def _request(self, node: Node, exchange: Exchange) -> "Deferred[IResponse]":
         headers = exchange.headers
         headers.setRawHeaders(b"host", [self._host_header(node, exchange)])
-
-        timer: Dict[str, Any] = {"call": None}
-        timed_out = []
-
-        def expire() -> None:
-            timed_out.append(True)
-            pending.cancel()
-
-        def arm(timeout: float) -> None:
-            if timer["call"] is not None and timer["call"].active():
-                timer["call"].cancel()
-            timer["call"] = self._reactor.callLater(timeout, expire)
-
         has_body = bool(exchange.body) or exchange.method in (b"POST", b"PUT", b"PATCH")
-        if self._agent is None:
-            # The read timer starts once the connection is up and the request sent.
-            head = serialize_request(exchange.method, exchange.path, headers, exchange.body if has_body else None)
-            pending, attempt["reused"] = self.pool.request(
-                node, [head, exchange.body] if has_body else [head],
-                exchange.method == b"HEAD", lambda: arm(self.config.timeout_read),
-            )
-        else:
-            uri = b"%s://n%d:%d%s" % (self._scheme, self._index[node], node.port, exchange.path)
-            producer = None
-            if has_body:
-                producer = _BodyProducer(exchange.body, lambda: arm(self.config.timeout_read))
-            else:  # an agent gives no signal then: the timer also covers connecting
-                arm(self.config.timeout_read + self.config.timeout_connect)
-            pending = self._agent.request(exchange.method, uri, headers, producer)
-        try:
-            return await pending  # type: ignore[no-any-return]
-        except Exception as e:
-            if timed_out:
-                log.warn(
-                    "upstream {upstream} node {node}: no response within {timeout}s",
-                    upstream=self.config.name, node=node.address, timeout=self.config.timeout_read,
-                )
-                raise errors.gateway_timeout(
-                    f"The upstream server did not answer within {self.config.timeout_read:g}s"
-                ) from None
-            if _cancelled(e):
-                raise CancelledError() from None
-            raise
-        finally:
-            if timer["call"] is not None and timer["call"].active():
-                timer["call"].cancel()
+        head = serialize_request(exchange.method, exchange.path, headers, exchange.body if has_body else None)
+        return self.pool.request(  # type: ignore[return-value]
+            node, [head, exchange.body] if has_body else [head],
+            exchange.method == b"HEAD", self.config.timeout_read,
+        )
+
+    def _report(self, failure: AttemptFailure) -> None:
+        log.warn(
+            _LOG_FORMATS.get(failure.kind, _CANNOT_CONNECT),
+            upstream=self.config.name, node=failure.node.address, reason=failure.detail,
+            timeout=self.config.timeout_read,
+        )
+        self._telemetry.upstream_failed(self.config.name, failure.node.address, failure.error.reason)
+
+
+def _repeatable(exchange: Exchange) -> bool:
+    """Whether the gateway may send ``exchange`` again on its own (RFC 9110 9.2.2)."""
+    return exchange.method in _REPEATABLE and not exchange.body
 
 
 def _describe(error: BaseException) -> str:
@@ -367,15 +342,3 @@ def _describe(error: BaseException) -> str:
     if reasons:
         return "; ".join(_describe(r.value) for r in reasons)
     return f"{type(error).__name__}: {error}"
-
-
-def _connect_error(error: BaseException) -> errors.GatewayError:
-    """The client-facing error for a failed connection (details go to the log)."""
-    name = type(error).__module__ + "." + type(error).__name__
-    if "OpenSSL" in name or "service_identity" in name or "VerificationError" in name:
-        return errors.bad_gateway("TLS verification of the upstream server failed", "tls")
-    if isinstance(error, (ConnectTimeout, neterror.TimeoutError)):
-        return errors.bad_gateway("Connecting to the upstream server timed out", "connect_timeout")
-    if isinstance(error, neterror.DNSLookupError):
-        return errors.bad_gateway("The upstream server could not be reached", "dns")
-    return errors.bad_gateway("The upstream server could not be reached", "connect")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from openaigw import secrets
+from openaigw import http_syntax, secrets
 from openaigw.config import ConfigError, Node, load, parse
 
 CONTRACT = """
@@ -131,6 +131,94 @@ def test_errors_never_show_resolved_secrets():
     assert "$ENV://SIZE" in message
 
 
+CANARY = "7f3a9c"  # inside every canary value below: no message may contain it
+CANARIES = (
+    f"canary-{CANARY}", f"/canary-{CANARY}/none.pem", f"canary {CANARY}*?", f"Canary@{CANARY}:x",
+    f"header:canary {CANARY}",
+)
+PLUGIN_KEYS = {  # the option keys of the plugins, on routes and on consumers
+    "route": (
+        "key-auth", "proxy-rewrite.uri", "proxy-rewrite.headers.remove", "proxy-rewrite.headers.set.X-A",
+        "proxy-rewrite.headers.add.X-A", "limit-count.count", "limit-count.time_window", "limit-count.key",
+        "limit-req.rate", "limit-req.burst", "limit-req.nodelay", "limit-req.key", "limit-conn.conn",
+        "limit-conn.key", "ai-rate-limiting.limit", "ai-rate-limiting.time_window",
+        "ai-rate-limiting.limit_strategy", "ai-rate-limiting.key",
+    ),
+    "consumer": (
+        "limit-count.count", "limit-req.rate", "limit-conn.conn", "ai-rate-limiting.limit",
+        "ai-rate-limiting.limit_strategy", "limit-count.key",
+    ),
+}
+VALID = {  # a valid file, which each case below changes in one key
+    "gateway": {},
+    "upstream:u": {"nodes": "127.0.0.1:1"},
+    "consumer:c": {"key": "0123456789abcdef-consumer"},
+    "route:r": {"uri": "/a", "upstream": "u"},
+}
+
+
+def _text(sections: dict) -> str:
+    return "".join(
+        f"[{name}]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
+        for name, keys in sections.items()
+    )
+
+
+def _keys_of(section: str) -> list:
+    """Every key a section accepts, as its "unknown key" message lists them (keys
+    added later are covered too)."""
+    sections = {**VALID, section: {**VALID[section], "zzz": "1"}}
+    message = bad(_text(sections))
+    known = message.split("(known: ", 1)[1] if "(known: " in message else message.split("(keys: ", 1)[1]
+    return known.split(";")[0].rstrip(")").split(", ")
+
+
+def _every_key():
+    for section in VALID:
+        keys = _keys_of(section) + list(PLUGIN_KEYS.get(section.partition(":")[0], ()))
+        for key in keys:
+            yield section, key
+
+
+@pytest.mark.parametrize("section, key", list(_every_key()))
+def test_no_error_quotes_a_resolved_value(section, key):
+    """Whatever a key's value resolves to, an error about it quotes the reference as
+    written, never the resolved value (every key of every section, plugins included)."""
+    for canary in CANARIES:
+        sections = {**VALID, section: {**VALID[section], key: "$ENV://SECRET"}}
+        try:
+            parse(_text(sections), "/etc/gw.ini", {"SECRET": canary})
+        except ConfigError as e:
+            message = str(e)
+            assert CANARY not in message and "canary" not in message.lower(), (key, canary, message)
+
+
+@pytest.mark.parametrize(
+    "section, key, canary, expected",
+    [
+        ("route:r", "uri", f"canary-{CANARY}", "[route:r] uri: '$ENV://SECRET': a path"),
+        ("route:r", "upstream", f"canary-{CANARY}", "[route:r] upstream: no section [upstream:$ENV://SECRET]"),
+        ("route:r", "methods", f"canary {CANARY}?", "[route:r] methods: '$ENV://SECRET' is not an HTTP method"),
+        ("upstream:u", "ca_file", f"/canary-{CANARY}.pem", "[upstream:u] ca_file: cannot read '$ENV://SECRET'"),
+        ("gateway", "access_log", f"/canary-{CANARY}/log", "[gateway] access_log: '$ENV://SECRET': its directory does not exist"),
+        ("route:r", "proxy-rewrite.headers.remove", f"canary {CANARY}?",
+         "proxy-rewrite.headers.remove: '$ENV://SECRET' is not a header name"),
+    ],
+)
+def test_errors_quote_the_reference(section, key, canary, expected):
+    """An error about a value holding a reference quotes the value as written."""
+    sections = {**VALID, section: {**VALID[section], key: "$ENV://SECRET"}}
+    message = bad(_text(sections), {"SECRET": canary})
+    assert expected in message and CANARY not in message
+
+
+def test_overlap_error_quotes_the_reference():
+    """Two routes on one URI: the URI is quoted as written when it came from a reference."""
+    sections = {**VALID, "route:s": {"uri": "$ENV://SECRET", "upstream": "u"}}
+    message = bad(_text(sections), {"SECRET": "/a"})
+    assert "[route:s] uri: '$ENV://SECRET' is already served by [route:r]" in message
+
+
 def test_secret_kinds(tmp_path):
     """$ENV, $FILE (trailing newline stripped) and $CREDENTIAL resolve anywhere in a value."""
     (tmp_path / "key").write_text("sk-file\n")
@@ -171,3 +259,33 @@ def test_sizes_and_defaults():
     assert config.upstreams["u"].nodes == (Node("a.example", 443, 1), Node("b.example", 443, 2))
     assert config.upstreams["u"].retries == 1
     assert config.routes[0].methods is None
+
+
+def test_token_is_rfc_9110s():
+    """TOKEN (str and bytes) matches exactly RFC 9110's tchar, one or more."""
+    tchar = set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    for code in range(256):
+        assert bool(http_syntax.TOKEN.fullmatch(chr(code))) == (chr(code) in tchar), code
+        assert bool(http_syntax.TOKEN_BYTES.fullmatch(bytes([code]))) == (chr(code) in tchar), code
+    assert http_syntax.TOKEN.fullmatch("X-Foo_Bar") and not http_syntax.TOKEN.fullmatch("")
+
+
+@pytest.mark.parametrize(
+    "key, value, valid",
+    [
+        ("methods", "GET PURGE", True),
+        ("methods", "GE(T", False),
+        ("limit-count.key", "header:X-Team_Id", True),
+        ("limit-count.key", "header:X Team", False),
+        ("proxy-rewrite.headers.remove", "X-A X~B", True),
+        ("proxy-rewrite.headers.remove", "X-A X[B", False),
+    ],
+)
+def test_methods_and_header_names_are_tokens(key, value, valid):
+    """Methods and header names in the file are RFC 9110 tokens, the same rule everywhere."""
+    extra = {"limit-count.count": "1", "limit-count.time_window": "1"} if key.startswith("limit") else {}
+    sections = {**VALID, "route:r": {**VALID["route:r"], key: value, **extra}}
+    if valid:
+        parse(_text(sections), "/etc/gw.ini", {})
+    else:
+        assert "[route:r] " + key in bad(_text(sections))

@@ -15,11 +15,19 @@ from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, 
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from openaigw.h1client import MAX_HEAD, ConnectionPool, InvalidResponse, serialize_request
+from openaigw.h1client import (
+    MAX_HEAD,
+    ConnectionPool,
+    InvalidResponse,
+    ResponseTimeout,
+    StaleConnection,
+    serialize_request,
+)
 
 from tests.memory import BASE_CONFIG, Gateway, post
 
 KEY = "node"
+READ_TIMEOUT = 30.0
 REQUEST = b"GET / HTTP/1.1\r\nHost: node\r\n\r\n"
 DONE = Failure(ConnectionDone())
 STRAY = b"HTTP/1.1 408 Request Timeout\r\n\r\n"  # what some servers send before closing idle connections
@@ -89,10 +97,10 @@ class Call:
     def __init__(self, harness: Pool, head_only: bool) -> None:
         connections = harness.endpoint.connections
         before = {c: len(c.transport.value()) for c in connections}
-        self.sent: List[bool] = []
-        self.deferred, self.reused = harness.pool.request(KEY, [REQUEST], head_only, lambda: self.sent.append(True))
+        self.deferred = harness.pool.request(KEY, [REQUEST], head_only, READ_TIMEOUT)
         [self.connection] = [c for c in connections if len(c.transport.value()) > before.get(c, -1)]
-        assert self.connection.transport.value().endswith(REQUEST) and self.sent == [True]
+        assert self.connection.transport.value().endswith(REQUEST)
+        self.reused = self.connection in before
         self.results: List[Any] = []
         self.deferred.addBoth(self.results.append)
 
@@ -275,10 +283,29 @@ def test_invalid_chunked_body(chunks):
 
 
 def test_lost_before_answer():
-    """A connection lost before any of the answer is ResponseNeverReceived."""
-    call = Pool().ask()
+    """A connection lost before any of the answer is ResponseNeverReceived; on a
+    connection that had served a whole answer before, StaleConnection (a kind of it)."""
+    h = Pool()
+    call = h.ask()
     call.connection.connectionLost(DONE)
-    assert call.failure.check(ResponseNeverReceived)
+    assert call.failure.check(ResponseNeverReceived) and not call.failure.check(StaleConnection)
+    h.served()
+    call = h.ask()
+    assert call.reused
+    call.connection.connectionLost(DONE)
+    assert call.failure.check(StaleConnection)
+
+
+def test_no_answer_within_timeout():
+    """No answer's head within the timeout of the request being written:
+    ResponseTimeout, and the connection is aborted."""
+    h = Pool()
+    call = h.ask()
+    call.answer(b"HTTP/1.1 200 OK\r\n")  # a head begun is no answer yet
+    h.reactor.advance(READ_TIMEOUT - 0.1)
+    assert call.results == []
+    h.reactor.advance(0.1)
+    assert call.failure.check(ResponseTimeout) and call.transport.disconnected
 
 
 @pytest.mark.parametrize("received", (b"HTTP/1.1 200 OK\r\nContent-Le", b"HTTP/1.1 100 Continue\r\n\r\n"))
@@ -355,14 +382,15 @@ def test_stopped_body_until_close_is_not_complete():
     assert body.reason.check(ResponseFailed)
 
 
-def test_pool_max_idle_oldest_first():
-    """Up to max_idle connections are kept (the others closed), and reused oldest first."""
+def test_pool_max_idle_most_recent_first():
+    """Up to max_idle connections are kept (the others closed), and reused most
+    recently used first."""
     h = Pool(max_idle=2)
     calls = [h.ask() for _ in range(3)]
     for call in calls:
         call.answer(ok())
     assert [call.transport.disconnecting for call in calls] == [False, False, True]
-    assert [h.ask().connection for _ in range(2)] == [calls[0].connection, calls[1].connection]
+    assert [h.ask().connection for _ in range(2)] == [calls[1].connection, calls[0].connection]
     assert not h.ask().reused and len(h.endpoint.connections) == 4
 
 

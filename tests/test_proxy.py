@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
@@ -335,55 +335,80 @@ def test_request_that_reached_the_upstream_is_not_resent():
     assert gw.requests_sent() == 1
 
 
-def test_stale_pooled_connection_is_retried_once():
-    """A reused connection the upstream had closed is retried on a new connection."""
-    gw = Gateway(BASE_CONFIG.replace("    10.0.0.2:8080 1\n", ""))
+MODELS = b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n"
+
+
+def one_node(retries: int = 1) -> str:
+    return BASE_CONFIG.replace("    10.0.0.2:8080 1\n", "").replace("retries = 1", f"retries = {retries}")
+
+
+def test_post_on_a_reused_connection_is_not_resent():
+    """A reused connection lost after the upstream read the request (it reset, say):
+    502, and the POST reached the upstream exactly once."""
+    gw = Gateway(one_node())
     _, first = gw.client(post(CHAT, BODY))
-    gw.upstream().send(response())
+    gw.upstream(0).send(response())
     assert first.value().startswith(b"HTTP/1.1 200")
     _, client = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream(0)
+    assert upstream.received().count(b"POST ") == 2  # the pooled connection is reused
+    upstream.protocol.connectionLost(Failure(ConnectionLost()))
+    assert client.value().startswith(b"HTTP/1.1 502")
+    assert error_of(client.value())["code"] == "bad_gateway"
+    assert gw.requests_sent() == 2 and len(gw.connects()) == 1
+    assert gw.records[-1].error == "upstream_closed"
+
+
+def test_stale_get_is_retried_once_on_a_new_connection():
+    """A bodiless GET whose reused connection was lost before any of the answer goes
+    once more to the same node, on a new connection."""
+    gw = Gateway(one_node())
+    _, first = gw.client(MODELS)
+    gw.upstream().send(response())
+    assert first.value().startswith(b"HTTP/1.1 200")
+    _, client = gw.client(MODELS)
     assert len(gw.connects()) == 1  # the pooled connection is reused
     gw.upstream(0).protocol.connectionLost(Failure(ConnectionDone()))
     assert len(gw.connects()) == 2
     gw.upstream(1).send(response())
     assert client.value().startswith(b"HTTP/1.1 200")
+    assert gw.records[-1].retries == 1
 
 
-def test_agent_can_be_injected():
-    """Upstream takes any IAgent: here treq's RequestTraversalAgent over an in-memory resource."""
-    from treq.testing import RequestTraversalAgent
-    from twisted.web.resource import Resource
-
-    from openaigw.upstream import Upstream
-
-    class Echo(Resource):
-        isLeaf = True
-
-        def render_POST(self, request):
-            return b"%s %s" % (request.uri, request.getHeader(b"authorization"))
-
-    gw = Gateway()
-    upstream = Upstream(gw.reactor, gw.config.upstreams["up"], agent=RequestTraversalAgent(Echo()))
-    root = gw.site.resource
-    route = next(resource for _, resource in root._exact[b"/v1/chat/completions"])
-    route._upstream = upstream
-    _, client = gw.client(post(CHAT, BODY, b"Authorization: Bearer client\r\n"))
-    assert client.value().endswith(b"/v1/chat/completions Bearer sk-real")
+def test_stale_get_is_retried_only_once():
+    """The GET's second try lost before an answer too (now on a new connection): 502."""
+    gw = Gateway(one_node())
+    gw.client(MODELS)
+    gw.upstream().send(response())
+    _, client = gw.client(MODELS)
+    gw.upstream(0).protocol.connectionLost(Failure(ConnectionDone()))
+    gw.upstream(1).protocol.connectionLost(Failure(ConnectionDone()))
+    assert client.value().startswith(b"HTTP/1.1 502")
+    assert gw.requests_sent() == 3 and len(gw.connects()) == 2
 
 
 def test_stale_retry_opens_a_new_connection():
     """After a stale reused connection, the retry does not take another idle (stale) one."""
-    gw = Gateway(BASE_CONFIG.replace("    10.0.0.2:8080 1\n", "").replace("retries = 1", "retries = 0"))
-    _, first = gw.client(post(CHAT, BODY))
-    _, second = gw.client(post(CHAT, BODY))
+    gw = Gateway(one_node(retries=0))
+    gw.client(MODELS)
+    gw.client(MODELS)
     gw.upstream(0).send(response())
     gw.upstream(1).send(response())
-    _, client = gw.client(post(CHAT, BODY))
-    gw.upstream(0).protocol.connectionLost(Failure(ConnectionDone()))
-    assert len(gw.connects()) == 3  # a new one, not idle connection 1
-    assert gw.upstream(1).transport.disconnecting  # the other idle connection was closed
+    _, client = gw.client(MODELS)
+    gw.upstream(1).protocol.connectionLost(Failure(ConnectionDone()))  # the most recently used
+    assert len(gw.connects()) == 3  # a new one, not idle connection 0
+    assert gw.upstream(0).transport.disconnecting  # the other idle connection was closed
     gw.upstream(2).send(response())
     assert client.value().startswith(b"HTTP/1.1 200")
+
+
+def test_disconnect_while_connecting_tries_no_other_node():
+    """A client that leaves while its upstream connection is being made: no other
+    node is tried for it."""
+    gw = Gateway()
+    channel, _ = gw.client(post(CHAT, BODY))
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert gw.connects() == ["10.0.0.1:8080"]
 
 
 def test_paths_are_normalised_before_routing():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -19,9 +18,9 @@ from zope.interface import implementer
 from openaigw.config import PluginOptions
 from openaigw.errors import GatewayError
 from openaigw.exchange import Exchange
+from openaigw.http_syntax import TOKEN
 from openaigw.interfaces import IPlugin, IRequestFilter
 
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 REQUEST_HEADERS = (b"X-RateLimit-Limit", b"X-RateLimit-Remaining", b"X-RateLimit-Reset")
 TOKEN_HEADERS = (
     b"X-AI-RateLimit-Limit-Tokens", b"X-AI-RateLimit-Remaining-Tokens", b"X-AI-RateLimit-Reset-Tokens",
@@ -67,7 +66,7 @@ def parse_key(options: PluginOptions) -> LimitKey:
         return LimitKey("consumer")
     if value in ("remote_addr", "route"):
         return LimitKey(value)
-    if value.startswith("header:") and _HEADER_NAME.fullmatch(value[7:]):
+    if value.startswith("header:") and TOKEN.fullmatch(value[7:]):
         return LimitKey("header", value[7:].lower().encode("ascii"))
     raise options.error(
         "key", f"{options.section.raw(options.key('key'))!r} is not consumer, remote_addr, route or header:NAME"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -11,9 +10,9 @@ from zope.interface import implementer
 
 from openaigw.config import PluginOptions
 from openaigw.exchange import Exchange
+from openaigw.http_syntax import TOKEN
 from openaigw.interfaces import IPlugin, IRequestFilter
 
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FORBIDDEN = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection"))
 
 
@@ -71,11 +70,11 @@ class ProxyRewrite:
             elif option == "headers.remove":
                 names = value.split()
                 for name in names:
-                    self._check_name(options, option, name)
+                    self._check_name(options, option, name, options.section.written(options.key(option), name))
                 remove = tuple(name.lower().encode("ascii") for name in names)
             elif option.startswith(("headers.set.", "headers.add.")):
                 header = option.split(".", 2)[2]
-                self._check_name(options, option, header)
+                self._check_name(options, option, header, header)
                 if "\r" in value or "\n" in value:
                     raise options.error(option, "a header value cannot span lines")
                 pair = (header.encode("ascii"), value.strip().encode("utf-8"))
@@ -88,11 +87,12 @@ class ProxyRewrite:
         return RewriteSettings(uri, tuple(sets), tuple(adds), remove)
 
     @staticmethod
-    def _check_name(options: PluginOptions, option: str, name: str) -> None:
-        if not _HEADER_NAME.fullmatch(name):
-            raise options.error(option, f"{name!r} is not a header name")
+    def _check_name(options: PluginOptions, option: str, name: str, shown: str) -> None:
+        """Check the header ``name`` (``shown`` in messages: as written in the file)."""
+        if not TOKEN.fullmatch(name):
+            raise options.error(option, f"{shown!r} is not a header name")
         if name.lower().encode("ascii") in _FORBIDDEN:
-            raise options.error(option, f"{name} is set by the gateway itself (see pass_host)")
+            raise options.error(option, f"{shown} is set by the gateway itself (see pass_host)")
 
     def create(self, settings: RewriteSettings, runtime: Any, scope: str) -> RewriteFilter:
         return RewriteFilter(settings)
