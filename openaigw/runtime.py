@@ -27,10 +27,12 @@ class Runtime:
     concurrency: IConcurrency
     keyring: KeyRing = field(default_factory=lambda: KeyRing())
     redis: Optional[Any] = None
-    responses: Optional[ResponseCache] = None  # the response cache (memory() makes one)
+    responses: ResponseCache = None  # type: ignore[assignment]  # the response cache
+
+    def __post_init__(self) -> None:
+        if self.responses is None:  # in memory, sized by the routes (build_routes)
+            self.responses = ResponseCache(MemoryCacheStore(self.clock, 0), self.clock)
 
     @classmethod
     def memory(cls, clock: Any) -> "Runtime":
-        responses = ResponseCache(MemoryCacheStore(clock, 0), clock)  # sized by the routes
-        return cls(clock, MemoryWindowCounters(clock), MemoryLeakyBuckets(clock), MemoryConcurrency(),
-                   responses=responses)
+        return cls(clock, MemoryWindowCounters(clock), MemoryLeakyBuckets(clock), MemoryConcurrency())

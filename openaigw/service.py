@@ -40,8 +40,7 @@ def build_routes(
     ``runtime.keyring`` is filled with ``config``'s consumers; the response cache's
     store is sized for its routes.
     """
-    if runtime.responses is not None:
-        runtime.responses.size_for(config)
+    runtime.responses.size_for(config)
     for consumer in config.consumers:
         scope = f"consumer:{consumer.name}"
         filters = tuple(REGISTRY[p.name].create(p.settings, runtime, scope) for p in consumer.plugins)
