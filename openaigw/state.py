@@ -1,9 +1,12 @@
-"""``[gateway] state``: where the limits keep their state (this process, or a Redis)."""
+"""``[gateway] state``: where the limits and the response cache keep their state
+(this process, or a Redis)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from openaigw.cache.redis_store import RedisCacheStore
+from openaigw.cache.responses import ResponseCache
 from openaigw.config import GatewayConfig
 from openaigw.redisclient import RedisClient
 from openaigw.runtime import Runtime
@@ -15,6 +18,7 @@ def build_runtime(gateway: GatewayConfig, reactor: Any) -> Runtime:
     runtime = Runtime.memory(reactor)
     if gateway.state is not None:
         runtime.redis = RedisClient(reactor, gateway.state, gateway.state_timeout)
+        runtime.responses = ResponseCache(RedisCacheStore(runtime.redis), reactor)
     return runtime
 
 

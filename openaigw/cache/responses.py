@@ -21,6 +21,7 @@ from openaigw.usage import UsageMeter, estimate_prompt_tokens
 
 log = Logger()
 STATUS = b"X-Cache-Status"
+_COMPLAINT_SECONDS = 60.0  # a failing store is logged at most this often
 
 
 class ResponseCache:
@@ -30,6 +31,8 @@ class ResponseCache:
         self.store = store
         self.clock = clock
         self.flights: Dict[str, Flight] = {}
+        self._next_complaint = 0.0
+        self._failures = 0  # since the last complaint
 
     def size_for(self, config: Any) -> None:
         """Bound an in-process store by the largest ``cache.memory`` of ``config``'s
@@ -48,7 +51,7 @@ class ResponseCache:
         except CancelledError:
             raise
         except Exception as e:
-            log.warn("cache store failed, answering as a miss: {error}", error=_describe(e))
+            self._failed(e)
             return None
         return Entry.decode(data) if data is not None else None
 
@@ -59,10 +62,17 @@ class ResponseCache:
         except Exception as e:
             storing = Deferred()
             storing.errback(e)
-        storing.addErrback(
-            lambda failure: log.warn("cache store failed, answer not kept: {error}",
-                                     error=_describe(failure.value))
-        )
+        storing.addErrback(lambda failure: self._failed(failure.value))
+
+    def _failed(self, error: BaseException) -> None:
+        """The store failed (a miss, or an answer not kept): say so, not every time."""
+        self._failures += 1
+        now = self.clock.seconds()
+        if now >= self._next_complaint:
+            log.warn("cache store failing ({count} time(s) since the last report), answering"
+                     " as misses: {error}", count=self._failures, error=_describe(error))
+            self._failures = 0
+            self._next_complaint = now + _COMPLAINT_SECONDS
 
 
 def _describe(error: BaseException) -> str:
