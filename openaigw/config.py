@@ -11,7 +11,7 @@ import hashlib
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
 
 from openaigw import secrets
@@ -60,6 +60,9 @@ class GatewayConfig:
     state: Optional["RedisAddress"] = None  # None: each process's memory
     state_timeout: float = 0.25
     state_unavailable: str = "reject"  # or "allow"
+    admin: Tuple[str, ...] = ()  # the Admin API listener(s)
+    admin_key: Optional[str] = field(default=None, repr=False)
+    admin_state: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -317,8 +320,8 @@ def parse(text: str, path: str, environ: Mapping[str, str]) -> Config:
             )
         digests[consumer.key_digest] = consumer.name
     routes = tuple(_route(s, upstreams, names) for s in route_sections)
-    if not routes:
-        raise ConfigError(f"{path}: no [route:NAME] section: nothing to serve")
+    if not routes and not gateway.admin:
+        raise ConfigError(f"{path}: no [route:NAME] section (and no admin listener): nothing to serve")
     _check_overlaps(routes, route_sections)
     return Config(path, gateway, upstreams, routes, consumers)
 
@@ -336,6 +339,7 @@ def _gateway(section: Section) -> GatewayConfig:
             "listen", "max_body_size", "access_log", "access_log_format", "status",
             "metrics_max_models", "shutdown_timeout",
             "state", "state_timeout", "state_unavailable",
+            "admin", "admin_key", "admin_state",
         ),
     )
     listen = tuple((section.get("listen") or DEFAULT_LISTEN).split())
@@ -346,6 +350,10 @@ def _gateway(section: Section) -> GatewayConfig:
     status = tuple((section.get("status") or "").split())
     for description in status:
         _check_endpoint(section, "status", description)
+    admin = tuple((section.get("admin") or "").split())
+    for description in admin:
+        _check_endpoint(section, "admin", description)
+    admin_key, admin_state = _admin(section, admin)
     access_log: Optional[str] = (section.get("access_log") or "-").strip()
     if access_log == "off":
         access_log = None
@@ -365,6 +373,9 @@ def _gateway(section: Section) -> GatewayConfig:
         state=_state(section),
         state_timeout=_positive(section, "state_timeout", 0.25),
         state_unavailable=section.choice("state_unavailable", "reject", ("reject", "allow")),
+        admin=admin,
+        admin_key=admin_key,
+        admin_state=admin_state,
     )
 
 
@@ -389,6 +400,21 @@ def _state(section: Section) -> Optional["RedisAddress"]:
         return parse_url(raw, lambda text: section.resolve("state", text))
     except ValueError as e:
         raise section.error("state", str(e)) from None
+
+
+
+def _admin(section: Section, admin: Tuple[str, ...]) -> Tuple[Optional[str], Optional[str]]:
+    """``admin_key`` and ``admin_state`` (which need an ``admin`` listener)."""
+    for key in ("admin_key", "admin_state"):
+        if key in section and not admin:
+            raise section.error(key, "only applies with an admin listener")
+    key = section.require("admin_key") if "admin_key" in section else None
+    if key is not None and len(key) < 16:
+        raise section.error("admin_key", "an admin key needs at least 16 characters")
+    state = os.path.abspath(section.require("admin_state")) if "admin_state" in section else None
+    if state is not None and not os.path.isdir(os.path.dirname(state)):
+        raise section.error("admin_state", f"no directory {os.path.dirname(state)}")
+    return key, state
 
 
 def _check_endpoint(section: Section, key: str, description: str) -> None:

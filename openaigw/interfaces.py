@@ -101,3 +101,20 @@ class ICacheStore(Interface):
 
     def set(key, value, ttl):  # type: ignore[no-untyped-def]
         """Keep ``value`` under ``key`` for ``ttl`` seconds; fire with None once stored."""
+
+
+class IObjectStore(Interface):
+    """Where the Admin API keeps its objects (routes, upstreams, consumers).
+
+    Objects are JSON values by kind and id: ``{"routes": {"ID": {...}}, ...}``.
+    """
+
+    def load():  # type: ignore[no-untyped-def]
+        """Return the objects kept; raise :class:`openaigw.admin.store.StateError` if
+        what is kept cannot be read."""
+
+    def put(kind, id, value):  # type: ignore[no-untyped-def]
+        """Keep ``value``; return a Deferred that fires once it is durable."""
+
+    def delete(kind, id):  # type: ignore[no-untyped-def]
+        """Forget an object; return a Deferred that fires once that is durable."""

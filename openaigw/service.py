@@ -3,9 +3,10 @@ reloading on SIGHUP and stopping gracefully on SIGTERM."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import signal
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
@@ -13,6 +14,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
+from openaigw import admin
 from openaigw import config as configuration
 from openaigw import systemd
 from openaigw.accesslog import AccessLog
@@ -78,14 +80,22 @@ class GatewayService(Service):
     aborts the rest and exits 0.
     """
 
-    def __init__(self, config: Config, reactor: Any) -> None:
-        self.config = config
+    def __init__(self, config: Config, reactor: Any, catalog: Optional[admin.Catalog] = None) -> None:
+        # With an admin listener, what is served is gw.ini plus the Admin API's objects.
+        if catalog is None and config.gateway.admin:
+            catalog = admin.open_catalog(config)
+        self.catalog = catalog
+        self.config = config = config if catalog is None else catalog.config
         self._reactor = reactor
         self.telemetry = Telemetry()
         self._runtime = build_runtime(config.gateway, reactor)
         self._configure_telemetry(config)
         self.site, self._upstreams = build_site(config, reactor, self._runtime, self.telemetry)
         self.status_site = StatusSite(status_resource(self, self.telemetry.metrics))
+        self.admin_site = None
+        if catalog is not None:
+            catalog.attach(self.prepare, reactor)
+            self.admin_site = admin.make_site(catalog, reactor, self.telemetry)
         self.ready = False
         self._ports: Dict[Tuple[str, str], Any] = {}
 
@@ -104,6 +114,8 @@ class GatewayService(Service):
     def _wanted(self, config: Config) -> Dict[Tuple[str, str], Any]:
         wanted = {("listen", d): self.site for d in config.gateway.listen}
         wanted.update({("status", d): self.status_site for d in config.gateway.status})
+        if self.admin_site is not None:
+            wanted.update({("admin", d): self.admin_site for d in config.gateway.admin})
         return wanted
 
     def _listen(self, wanted: Dict[Tuple[str, str], Any]) -> Tuple[List[Deferred[Any]], List[Any]]:
@@ -142,7 +154,7 @@ class GatewayService(Service):
         log.info(
             "openaigw ready: {routes} route(s) from {path}, listening on {listen}",
             routes=len(self.config.routes), path=self.config.path,
-            listen=" ".join(self.config.gateway.listen + self.config.gateway.status),
+            listen=" ".join(self.config.gateway.listen + self.config.gateway.status + self.config.gateway.admin),
         )
 
     def startService(self) -> None:
@@ -184,30 +196,45 @@ class GatewayService(Service):
                 path=config.path,
             )
             return
+        if self.catalog is not None:  # the Admin API's objects join gw.ini's
+            self.catalog.reload(config).addCallback(
+                lambda served: served and self._reloaded(self.config))
+            return
         try:
-            runtime = Runtime(self._reactor, self._runtime.counters, self._runtime.buckets,
-                              self._runtime.concurrency, KeyRing(), self._runtime.redis,
-                              self._runtime.responses)
-            root, upstreams = build_routes(config, self._reactor, runtime, self.telemetry)
-            self._configure_telemetry(config)
+            commit = self.prepare(config)
         except Exception:
             log.failure("reload failed, still serving the previous configuration")
             return
-        # New requests find the new routes; those in flight keep the objects they hold.
-        self.site.resource = root
-        self.site.max_body_size = config.gateway.max_body_size
-        self.status_site.resource = status_resource(self, self.telemetry.metrics)
-        old_upstreams, self._upstreams = self._upstreams, upstreams
-        self._runtime, self.config = runtime, config
-        wanted = self._wanted(config)
-        self._close_ports([key for key in self._ports if key not in wanted])
-        _, failures = self._listen(wanted)
-        for failure in failures:
-            log.error("reload: cannot listen: {error}", error=failure.getErrorMessage())
-        for upstream in old_upstreams.values():
-            upstream.close()  # idle connections; busy ones finish their request
+        commit()
+        self._reloaded(config)
+
+    def _reloaded(self, config: Config) -> None:
         log.info("configuration reloaded from {path}: {routes} route(s)", path=config.path,
                  routes=len(config.routes))
+
+    def prepare(self, config: Config) -> Callable[[], None]:
+        """Build what serves ``config``; return the function that swaps it in (for a
+        reload, or a change through the Admin API)."""
+        runtime = dataclasses.replace(self._runtime, keyring=KeyRing())  # the same shared state
+        root, upstreams = build_routes(config, self._reactor, runtime, self.telemetry)
+        self._configure_telemetry(config)
+
+        def commit() -> None:
+            # New requests find the new routes; those in flight keep the objects they hold.
+            self.site.resource = root
+            self.site.max_body_size = config.gateway.max_body_size
+            self.status_site.resource = status_resource(self, self.telemetry.metrics)
+            old_upstreams, self._upstreams = self._upstreams, upstreams
+            self._runtime, self.config = runtime, config
+            wanted = self._wanted(config)
+            self._close_ports([key for key in self._ports if key not in wanted])
+            _, failures = self._listen(wanted)
+            for failure in failures:
+                log.error("reload: cannot listen: {error}", error=failure.getErrorMessage())
+            for upstream in old_upstreams.values():
+                upstream.close()  # idle connections; busy ones finish their request
+
+        return commit
 
     def _close_ports(self, keys: List[Tuple[str, str]]) -> Deferred[Any]:
         ports = [self._ports.pop(key) for key in keys if key in self._ports]

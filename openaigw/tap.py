@@ -8,6 +8,7 @@ from typing import Any
 from twisted.python import usage
 
 from openaigw import config
+from openaigw.admin import open_catalog
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 
@@ -32,6 +33,8 @@ class Options(usage.Options):
         # the systemd unit does not restart on it (RestartPreventExitStatus=78).
         try:
             self.config = config.load(self["config"])
+            # The Admin API's state is read here too: a corrupt one is an error like a bad gw.ini.
+            self.catalog = open_catalog(self.config) if self.config.gateway.admin else None
         except config.ConfigError as e:
             sys.stderr.write(f"openaigw: {e}\n")
             sys.stderr.flush()
@@ -49,4 +52,4 @@ def makeService(options: Options) -> Any:
     from openaigw.service import GatewayService
 
     writethrough.install()  # the gateway process's TCP writes go out at once
-    return GatewayService(options.config, reactor)
+    return GatewayService(options.config, reactor, options.catalog)

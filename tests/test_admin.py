@@ -1,0 +1,442 @@
+"""The Admin API in memory: treq's StubTreq against the admin Resource of a real
+GatewayService on a MemoryReactorClock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.testing import MemoryReactorClock
+from twisted.web.test.requesthelper import DummyRequest
+from zope.interface.verify import verifyObject
+
+from openaigw import config
+from openaigw.admin.catalog import Catalog
+from openaigw.admin.resource import AdminResource, merge
+from openaigw.admin.store import FileStore, MemoryStore, StateError, encode
+from openaigw.interfaces import IObjectStore
+from openaigw.plugins.limits import LimitKey
+from openaigw.service import GatewayService
+
+ADMIN_KEY = "admin-key-canary-0123456789"
+CONSUMER_KEY = "sk-consumer-canary-0123456789"
+GUIDE = {
+    "id": "openai-chat",
+    "uri": "/v1/chat/completions",
+    "plugins": {"proxy-rewrite": {"headers": {"set": {"Authorization": "Bearer sk-real"}}}},
+    "upstream": {"scheme": "https", "nodes": {"api.openai.com:443": 1}, "type": "roundrobin"},
+}
+BASE = """
+[gateway]
+admin = tcp:port=9180:interface=127.0.0.1
+{extra}
+
+[upstream:file-up]
+nodes = 127.0.0.1:4443
+
+[route:file-route]
+uri = /v1/models
+upstream = file-up
+"""
+
+
+class Admin:
+    """A GatewayService with the Admin API, and a StubTreq talking to it."""
+
+    def __init__(self, extra: str = "", store=None, environ=None) -> None:
+        self.file = config.parse(BASE.format(extra=extra), "gw.ini", {})
+        self.store = store or MemoryStore()
+        self.catalog = Catalog(self.file, self.store, environ if environ is not None else {})
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(1_700_000_000)
+        self.service = GatewayService(self.file, self.reactor, self.catalog)
+        self.resource = self.service.admin_site.resource
+        self.stub = StubTreq(self.resource)
+
+    def call(self, method: str, path: str, body=None, headers=None, raw: bytes = None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        d = self.stub.request(method, "http://127.0.0.1:9180" + path, data=data, headers=headers)
+        self.stub.flush()
+        response = _result(d)
+        content = _result(response.content())
+        return response.code, json.loads(content)
+
+    def routes(self):
+        return sorted(route.name for route in self.service.config.routes)
+
+
+def _result(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "did not fire"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+@pytest.fixture
+def admin():
+    return Admin()
+
+
+def test_guide_put_with_id_in_body(admin):
+    """The guide's PUT /apisix/admin/routes with "id" in the body: 201, APISIX's shape, served."""
+    code, body = admin.call("PUT", "/apisix/admin/routes", GUIDE)
+    assert code == 201
+    assert body["key"] == "/apisix/routes/openai-chat"
+    value = body["value"]
+    assert value["id"] == "openai-chat" and value["uri"] == "/v1/chat/completions"
+    assert value["create_time"] == value["update_time"] == 1_700_000_000
+    assert admin.routes() == ["file-route", "openai-chat"]
+    route = [r for r in admin.service.config.routes if r.name == "openai-chat"][0]
+    assert route.upstream == "route:openai-chat"
+    upstream = admin.service.config.upstreams["route:openai-chat"]
+    assert upstream.scheme == "https" and upstream.nodes[0].address == "api.openai.com:443"
+    (rewrite,) = route.plugins
+    assert rewrite.settings.set == ((b"Authorization", b"Bearer sk-real"),)
+
+
+def test_put_again_replaces_and_keeps_create_time(admin):
+    """A second PUT is 200; create_time stays, update_time moves."""
+    admin.call("PUT", "/apisix/admin/routes/r1", {**GUIDE, "id": "r1"})
+    admin.reactor.advance(5)
+    code, body = admin.call("PUT", "/apisix/admin/routes/r1", {"uri": "/v1/embeddings", "upstream_id": "file-up"})
+    assert code == 200
+    assert body["value"]["create_time"] == 1_700_000_000
+    assert body["value"]["update_time"] == 1_700_000_005
+    assert body["value"]["upstream_id"] == "file-up"
+    assert [r.uris for r in admin.service.config.routes if r.name == "r1"] == [("/v1/embeddings",)]
+
+
+def test_served_table_is_swapped(admin):
+    """A change swaps the Site's route table, as a reload does."""
+    before = admin.service.site.resource
+    admin.call("PUT", "/apisix/admin/routes", GUIDE)
+    assert admin.service.site.resource is not before
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/apisix/admin/routes/other", GUIDE, 400, "wrong route id"),
+    ("/apisix/admin/routes", {k: v for k, v in GUIDE.items() if k != "id"}, 400, "missing route id"),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "plugins": {"ai-proxy": {}}}, 400, "unknown plugin [ai-proxy]"),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "methods": "POST"}, 400,
+     'property "methods" validation failed: wrong type: expected array, got string'),
+    ("/apisix/admin/routes/a", {"id": "a", "uri": "/x"}, 400, "missing upstream"),
+    ("/apisix/admin/routes/a", {"uri": "/x", "upstream_id": "nope"}, 400, "upstream id [nope]"),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "uris": ["/y"]}, 400, 'give "uri" or "uris", not both'),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "hosts": ["x"]}, 400, 'property "hosts" is not supported'),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "plugins": {"limit-count": {"count": "ten", "time_window": 60}}},
+     400, 'property "plugins.limit-count.count" validation failed: wrong type: expected integer'),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "plugins": {"limit-count": {"count": 0, "time_window": 60}}},
+     400, 'property "plugins.limit-count.count" validation failed'),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "plugins": {"limit-count": {"count": 1, "time_window": 60,
+                                                                               "rejected_code": 503}}},
+     400, "plugins.limit-count.rejected_code"),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "plugins": {"proxy-rewrite": {"regex_uri": ["a", "b"]}}},
+     400, 'property "plugins.proxy-rewrite.regex_uri" is not supported'),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "uri": "relative"}, 400, 'property "uri" validation failed'),
+    ("/apisix/admin/routes/a", {"uri": "/x", "upstream": {"nodes": {"h:99999": 1}}}, 400,
+     'property "upstream.nodes" validation failed'),
+    ("/apisix/admin/routes/a", {"uri": "/x", "upstream": {"nodes": {"h:1": 1}, "type": "chash"}}, 400,
+     'property "upstream.type" validation failed'),
+    ("/apisix/admin/routes/a", {"uri": "/x", "upstream": {"nodes": {"h:1": 1}, "retry_timeout": 3}}, 400,
+     'property "upstream.retry_timeout" is not supported'),
+    ("/apisix/admin/routes/a", {"uri": "/v1/models", "upstream_id": "file-up"}, 400,
+     "'/v1/models' is already served by [route:file-route]"),
+    ("/apisix/admin/routes/a", {"uri": "/x", "upstream_id": "file-up", "status": 2}, 400, 'property "status"'),
+    ("/apisix/admin/routes/a b", {"uri": "/x", "upstream_id": "file-up"}, 400, 'property "id" validation failed'),
+    ("/apisix/admin/routes/file-route", {"uri": "/x", "upstream_id": "file-up"}, 400,
+     "route [file-route] is defined in gw.ini: it cannot be changed"),
+    ("/apisix/admin/upstreams/file-up", {"nodes": {"h:1": 1}}, 400, "upstream [file-up] is defined in gw.ini"),
+    ("/apisix/admin/upstreams/u", {"nodes": [{"host": "h", "port": 1}]}, 400, 'property "nodes[0].weight"'),
+    ("/apisix/admin/upstreams/u", {"nodes": {"h:1": 1}, "timeout": {"connect": 0}}, 400,
+     'property "timeout.connect" validation failed: must be above 0'),
+    ("/apisix/admin/consumers", {"plugins": {"key-auth": {"key": CONSUMER_KEY}}}, 400, "missing consumer username"),
+    ("/apisix/admin/consumers", {"username": "c", "plugins": {"key-auth": {"key": "short"}}}, 400,
+     'property "plugins.key-auth.key" validation failed: a key needs at least 16 characters'),
+    ("/apisix/admin/consumers", {"username": "c"}, 400, 'property "plugins.key-auth.key" validation failed'),
+    ("/apisix/admin/consumers", {"username": "c", "plugins": {"key-auth": {"key": CONSUMER_KEY},
+                                                              "proxy-rewrite": {}}}, 400,
+     "plugin [proxy-rewrite] cannot be configured on a consumer"),
+])
+def test_validation_errors(admin, path, body, status, message):
+    """Bad objects get 400 {"error_msg"} naming the field, and nothing changes."""
+    before = admin.service.config
+    code, answer = admin.call("PUT", path, body)
+    assert (code, list(answer)) == (status, ["error_msg"])
+    assert message in answer["error_msg"]
+    assert admin.service.config is before
+
+
+def test_not_json_and_not_an_object(admin):
+    """A body that is not a JSON object is a 400."""
+    assert admin.call("PUT", "/apisix/admin/routes/a", raw=b"{nope")[0] == 400
+    assert admin.call("PUT", "/apisix/admin/routes/a", [1, 2])[1] == {"error_msg": "invalid request body: expected a JSON object"}
+
+
+def test_unresolvable_secret_is_refused_resolvable_is_kept_as_written():
+    """A $ENV:// reference that cannot be resolved is a 400 naming it; one that can is
+    stored as written and applied resolved."""
+    admin = Admin(environ={"OPENAI_API_KEY": "sk-resolved"})
+    route = {**GUIDE, "plugins": {"proxy-rewrite": {"headers": {"set": {"Authorization": "Bearer $ENV://NOPE"}}}}}
+    code, body = admin.call("PUT", "/apisix/admin/routes", route)
+    assert code == 400 and "$ENV://NOPE: environment variable NOPE is not set" in body["error_msg"]
+    route["plugins"]["proxy-rewrite"]["headers"]["set"]["Authorization"] = "Bearer $ENV://OPENAI_API_KEY"
+    code, body = admin.call("PUT", "/apisix/admin/routes", route)
+    assert code == 201
+    assert body["value"]["plugins"]["proxy-rewrite"]["headers"]["set"]["Authorization"] == "Bearer $ENV://OPENAI_API_KEY"
+    assert "sk-resolved" not in json.dumps(admin.store.load())
+    (rewrite,) = [r for r in admin.service.config.routes if r.name == "openai-chat"][0].plugins
+    assert rewrite.settings.set == ((b"Authorization", b"Bearer sk-resolved"),)
+
+
+def test_get_one_list_and_404(admin):
+    """GET answers {"key","value"}, the list {"total","list"} with gw.ini's objects
+    marked; an unknown id is 404 {"message": "Key not found"}."""
+    admin.call("PUT", "/apisix/admin/routes", GUIDE)
+    code, body = admin.call("GET", "/apisix/admin/routes/openai-chat")
+    assert code == 200 and body["key"] == "/apisix/routes/openai-chat" and body["source"] == "api"
+    assert body["value"]["uri"] == GUIDE["uri"]
+    code, body = admin.call("GET", "/apisix/admin/routes")
+    assert code == 200 and body["total"] == 2
+    assert [(i["key"], i["source"]) for i in body["list"]] == [
+        ("/apisix/routes/file-route", "file"), ("/apisix/routes/openai-chat", "api")]
+    assert body["list"][0]["value"] == {"id": "file-route", "uris": ["/v1/models"], "upstream_id": "file-up",
+                                        "plugins": {}}
+    assert admin.call("GET", "/apisix/admin/routes/nope") == (404, {"message": "Key not found"})
+    assert admin.call("GET", "/apisix/admin/upstreams")[1]["list"][0]["value"]["nodes"] == [
+        {"host": "127.0.0.1", "port": 4443, "weight": 1}]
+    assert admin.call("GET", "/apisix/admin/secrets")[0] == 404
+
+
+def test_post_generates_an_id(admin):
+    """POST creates with a generated id: 201."""
+    code, body = admin.call("POST", "/apisix/admin/upstreams", {"nodes": {"127.0.0.1:1": 1}})
+    assert code == 201
+    id = body["value"]["id"]
+    assert body["key"] == f"/apisix/upstreams/{id}"
+    assert admin.call("GET", f"/apisix/admin/upstreams/{id}")[0] == 200
+    assert admin.call("POST", "/apisix/admin/consumers", {"username": "x"})[0] == 405
+
+
+def test_patch_merges_and_null_removes(admin):
+    """PATCH merges into the object; null removes a field; an unknown id is 404."""
+    admin.call("PUT", "/apisix/admin/routes", {**GUIDE, "methods": ["POST"], "desc": "chat"})
+    code, body = admin.call("PATCH", "/apisix/admin/routes/openai-chat", {
+        "desc": None, "upstream": {"nodes": {"api.openai.com:443": None, "127.0.0.1:8443": 2}}})
+    assert code == 200
+    value = body["value"]
+    assert "desc" not in value and value["methods"] == ["POST"]
+    assert value["upstream"]["nodes"] == {"127.0.0.1:8443": 2}
+    assert admin.service.config.upstreams["route:openai-chat"].nodes[0].address == "127.0.0.1:8443"
+    assert admin.call("PATCH", "/apisix/admin/routes/nope", {"desc": "x"}) == (404, {"message": "Key not found"})
+    code, body = admin.call("PATCH", "/apisix/admin/routes/openai-chat", {"upstream": None})
+    assert code == 400 and "missing upstream" in body["error_msg"]
+
+
+def test_delete(admin):
+    """DELETE answers {"deleted", "key"}; the route is no longer served; again: 404."""
+    admin.call("PUT", "/apisix/admin/routes", GUIDE)
+    assert admin.call("DELETE", "/apisix/admin/routes/openai-chat") == (
+        200, {"deleted": "openai-chat", "key": "/apisix/routes/openai-chat"})
+    assert admin.routes() == ["file-route"]
+    assert admin.call("DELETE", "/apisix/admin/routes/openai-chat")[0] == 404
+    assert admin.call("DELETE", "/apisix/admin/routes/file-route")[0] == 400
+
+
+def test_upstream_in_use_cannot_be_deleted(admin):
+    """Deleting an upstream a route uses is a 400 naming the route."""
+    admin.call("PUT", "/apisix/admin/upstreams/u1", {"nodes": {"127.0.0.1:1": 1}})
+    admin.call("PUT", "/apisix/admin/routes/r1", {"uri": "/x", "upstream_id": "u1"})
+    code, body = admin.call("DELETE", "/apisix/admin/upstreams/u1")
+    assert code == 400 and body["error_msg"] == "can not delete this upstream, route [r1] is still using it now"
+    admin.call("DELETE", "/apisix/admin/routes/r1")
+    assert admin.call("DELETE", "/apisix/admin/upstreams/u1")[0] == 200
+
+
+def test_disabled_route_is_kept_not_served(admin):
+    """status 0: the route is validated and kept, but not served."""
+    code, _ = admin.call("PUT", "/apisix/admin/routes", {**GUIDE, "status": 0})
+    assert code == 201
+    assert admin.routes() == ["file-route"]
+    admin.call("PATCH", "/apisix/admin/routes/openai-chat", {"status": 1})
+    assert admin.routes() == ["file-route", "openai-chat"]
+
+
+def test_plugin_fields_map_to_our_options(admin):
+    """APISIX's limit fields become the plugins' own settings (key consumer_name, http_X,
+    constant)."""
+    admin.call("PUT", "/apisix/admin/consumers", {"username": "c1", "plugins": {"key-auth": {"key": CONSUMER_KEY}}})
+    code, body = admin.call("PUT", "/apisix/admin/routes/r", {"uri": "/x", "upstream_id": "file-up", "plugins": {
+        "key-auth": {},
+        "limit-count": {"count": 5, "time_window": 60, "key": "consumer_name", "rejected_code": 429},
+        "limit-req": {"rate": 1.5, "burst": 2, "nodelay": True, "key": "http_x_team"},
+        "limit-conn": {"conn": 3, "burst": 0, "default_conn_delay": 0.1, "key_type": "constant"},
+        "ai-rate-limiting": {"limit": 100, "time_window": 3600, "limit_strategy": "prompt_tokens"},
+    }})
+    assert code == 201, body
+    plugins = {p.name: p.settings for p in [r for r in admin.service.config.routes if r.name == "r"][0].plugins}
+    assert plugins["key-auth"] is True
+    assert (plugins["limit-count"].count, plugins["limit-count"].key) == (5, LimitKey("consumer"))
+    assert plugins["limit-req"].nodelay and plugins["limit-req"].key == LimitKey("header", b"x-team")
+    assert plugins["limit-conn"].key == LimitKey("route")
+    assert plugins["ai-rate-limiting"].strategy == "prompt_tokens"
+
+
+def test_consumer_key_hashed_never_shown(admin):
+    """A consumer's key is kept as its SHA-256 and never answered; a second consumer
+    with the same key is refused; a PATCH without a key keeps it."""
+    code, body = admin.call("PUT", "/apisix/admin/consumers", {
+        "username": "team-a", "plugins": {"key-auth": {"key": CONSUMER_KEY}, "limit-count": {"count": 2, "time_window": 60}}})
+    assert code == 201
+    digest = hashlib.sha256(CONSUMER_KEY.encode()).hexdigest()
+    assert body["key"] == "/apisix/consumers/team-a"
+    assert body["value"]["plugins"]["key-auth"] == {}
+    stored = admin.store.load()["consumers"]["team-a"]
+    assert stored["plugins"]["key-auth"] == {"key_sha256": digest}
+    for answer in (body, admin.call("GET", "/apisix/admin/consumers/team-a")[1],
+                   admin.call("GET", "/apisix/admin/consumers")[1]):
+        assert CONSUMER_KEY not in json.dumps(answer) and digest not in json.dumps(answer)
+    code, body = admin.call("PUT", "/apisix/admin/consumers/team-b", {"plugins": {"key-auth": {"key": CONSUMER_KEY}}})
+    assert code == 400 and "consumer [team-a] has the same key" in body["error_msg"]
+    assert admin.call("PATCH", "/apisix/admin/consumers/team-a", {"desc": "A"})[0] == 200
+    assert admin.store.load()["consumers"]["team-a"]["plugins"]["key-auth"] == {"key_sha256": digest}
+    admin.call("PATCH", "/apisix/admin/consumers/team-a", {"plugins": {"key-auth": {"key": CONSUMER_KEY + "2"}}})
+    new = hashlib.sha256((CONSUMER_KEY + "2").encode()).hexdigest()
+    assert admin.store.load()["consumers"]["team-a"]["plugins"]["key-auth"] == {"key_sha256": new}
+    (consumer,) = admin.service.config.consumers
+    assert consumer.key_digest.hex() == new
+
+
+def test_route_key_auth_needs_a_consumer_and_keeps_it(admin):
+    """A key-auth route needs a consumer; the last consumer of such a route cannot go."""
+    code, body = admin.call("PUT", "/apisix/admin/routes/r", {"uri": "/x", "upstream_id": "file-up",
+                                                            "plugins": {"key-auth": {}}})
+    assert code == 400 and 'property "plugins.key-auth"' in body["error_msg"]
+    admin.call("PUT", "/apisix/admin/consumers/c", {"plugins": {"key-auth": {"key": CONSUMER_KEY}}})
+    assert admin.call("PUT", "/apisix/admin/routes/r", {"uri": "/x", "upstream_id": "file-up",
+                                                       "plugins": {"key-auth": {}}})[0] == 201
+    code, body = admin.call("DELETE", "/apisix/admin/consumers/c")
+    assert code == 400 and body["error_msg"].startswith("route [r]: ")
+
+
+def test_admin_key_required_constant_time_header_or_query():
+    """With admin_key: 401 {"error_msg": "failed to check token"} without it or with a
+    wrong one; X-API-KEY or ?api_key= pass."""
+    admin = Admin(f"admin_key = {ADMIN_KEY}")
+    denied = (401, {"error_msg": "failed to check token"})
+    assert admin.call("GET", "/apisix/admin/routes") == denied
+    assert admin.call("GET", "/apisix/admin/routes", headers={"X-API-KEY": "wrong"}) == denied
+    assert admin.call("PUT", "/apisix/admin/routes", GUIDE, headers={"X-API-KEY": "x" + ADMIN_KEY}) == denied
+    assert admin.routes() == ["file-route"]
+    assert admin.call("PUT", "/apisix/admin/routes", GUIDE, headers={"X-API-KEY": ADMIN_KEY})[0] == 201
+    assert admin.call("GET", f"/apisix/admin/routes?api_key={ADMIN_KEY}")[0] == 200
+
+
+def test_without_admin_key_loopback_only(admin):
+    """Without admin_key, a client that is not on loopback gets 403."""
+    from twisted.internet.address import IPv4Address
+
+    request = DummyRequest([b"apisix", b"admin", b"routes"])
+    request.path = b"/apisix/admin/routes"
+    request.uri = request.path
+    request.client = IPv4Address("TCP", "10.0.0.8", 5555)
+    body = admin.resource.render(request)
+    assert request.responseCode == 403 and b"loopback" in body
+
+
+def test_changes_counted(admin):
+    """Every request is counted by resource, method and status."""
+    admin.call("PUT", "/apisix/admin/routes", GUIDE)
+    admin.call("PUT", "/apisix/admin/routes/x", GUIDE)
+    stats = admin.resource.stats.counts
+    assert stats[("routes", "PUT", "201")] == 1 and stats[("routes", "PUT", "400")] == 1
+    (family,) = admin.resource.stats.collect()
+    assert family.name == "openaigw_admin_requests"
+
+
+def test_store_failure_changes_nothing(tmp_path):
+    """A change that cannot be saved is a 503 and is not applied."""
+    store = FileStore(str(tmp_path / "gone" / "admin.json"))
+    admin = Admin(store=store)
+    code, body = admin.call("PUT", "/apisix/admin/routes", GUIDE)
+    assert code == 503 and "could not be saved" in body["error_msg"]
+    assert admin.routes() == ["file-route"]
+    assert admin.call("GET", "/apisix/admin/routes/openai-chat")[0] == 404
+
+
+def test_reload_keeps_api_objects_and_refuses_what_breaks_them(tmp_path):
+    """A reload of gw.ini keeps the API's objects; one that removes an upstream an API
+    route uses is refused."""
+    admin = Admin()
+    admin.call("PUT", "/apisix/admin/routes/r", {"uri": "/x", "upstream_id": "file-up"})
+    path = tmp_path / "gw.ini"
+    text = BASE.format(extra="") + "\n[route:more]\nuri = /v1/more\nupstream = file-up\n"
+    assert _result(admin.catalog.reload(config.parse(text, str(path), {})))
+    assert admin.routes() == ["file-route", "more", "r"]
+    broken = text.replace("upstream = file-up", "upstream = other").replace("[upstream:file-up]", "[upstream:other]")
+    assert not _result(admin.catalog.reload(config.parse(broken, str(path), {})))
+    assert admin.routes() == ["file-route", "more", "r"]
+
+
+def test_file_store_round_trip_and_atomic(tmp_path):
+    """The file store writes JSON (mode 0600) that it reads back; no temporary file stays."""
+    path = tmp_path / "admin.json"
+    store = FileStore(str(path))
+    verifyObject(IObjectStore, store)
+    verifyObject(IObjectStore, MemoryStore())
+    assert store.load() == {"routes": {}, "upstreams": {}, "consumers": {}}
+    _result(store.put("routes", "a", {"id": "a"}))
+    _result(store.put("upstreams", "u", {"id": "u"}))
+    _result(store.delete("upstreams", "u"))
+    assert json.loads(path.read_text())["routes"] == {"a": {"id": "a"}}
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.listdir(tmp_path) == ["admin.json"]
+    assert FileStore(str(path)).load()["routes"] == {"a": {"id": "a"}}
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"{not json", "not JSON"),
+    (b'{"version": 2}', '"version": 1'),
+    (b'{"version": 1, "routes": []}', "'routes' is not an object of objects"),
+    (b"\xff\xfe", "not UTF-8"),
+])
+def test_corrupt_state_file_is_an_error(tmp_path, content, why):
+    """A corrupt state file is a StateError (a ConfigError) saying why; it is left as is."""
+    path = tmp_path / "admin.json"
+    path.write_bytes(content)
+    with pytest.raises(StateError) as caught:
+        FileStore(str(path)).load()
+    assert why in str(caught.value) and str(path) in str(caught.value)
+    assert path.read_bytes() == content
+
+
+def test_state_with_an_object_gw_ini_now_rejects(tmp_path):
+    """Kept objects that do not fit gw.ini stop start-up with a message naming them."""
+    path = tmp_path / "admin.json"
+    path.write_bytes(encode({"routes": {"r": {"id": "r", "uri": "/x", "upstream_id": "gone"}},
+                             "upstreams": {}, "consumers": {}}))
+    file = config.parse(BASE.format(extra=""), "gw.ini", {})
+    with pytest.raises(config.ConfigError) as caught:
+        Catalog(file, FileStore(str(path)), {})
+    assert f"{path}: route [r]: " in str(caught.value)
+
+
+def test_config_keys():
+    """admin_key and admin_state need an admin listener; the key is not in the repr."""
+    with pytest.raises(config.ConfigError, match="admin_key: only applies with an admin listener"):
+        config.parse("[gateway]\nadmin_key = 0123456789abcdef\n[upstream:u]\nnodes = h\n[route:r]\nuri = /\nupstream = u\n",
+                     "gw.ini", {})
+    file = config.parse(BASE.format(extra=f"admin_key = {ADMIN_KEY}"), "gw.ini", {})
+    assert ADMIN_KEY not in repr(file)
+    only_admin = config.parse("[gateway]\nadmin = tcp:port=9180:interface=127.0.0.1\n", "gw.ini", {})
+    assert only_admin.routes == ()
+
+
+def test_merge_patch():
+    """RFC 7396: objects merge, null removes, arrays and scalars replace."""
+    assert merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"b": None, "e": 3}, "d": [2]}) == {
+        "a": {"c": 2, "e": 3}, "d": [2]}
