@@ -42,6 +42,10 @@ TARGETS = ("direct", "nginx", "twisted-rpr", "openaigw")
 # as seeded (access log on), and with key-auth, a request limit, a token limit, the
 # access log and metrics all on.
 FEATURE_TARGETS = ("openaigw-bare", "openaigw", "openaigw-full")
+# The response cache: a hit (every request of the wrk run is the same) against the same
+# request proxied, and identical streams coalesced into one upstream call.
+CACHE_TARGETS = ("openaigw", "openaigw-cache")
+CACHE_STREAMS = 50
 CLIENT_KEY = "sk-bench-client-key-0001"
 PROXY_CORE, LOAD_CORE = 0, 1
 # Several upstream workers (sharing LOAD_CORE): nginx timers set in one event-loop
@@ -218,9 +222,13 @@ location / {{
 
 def gateway_ini(gw_port: int, upstream_port: int, variant: str = "openaigw", tmp: str = "") -> str:
     """The seed etc/gw.ini, pointed at the bench upstream over plain http; ``variant``
-    openaigw-bare turns the access log off, openaigw-full turns every check on."""
+    openaigw-bare turns the access log off, openaigw-full turns every check on,
+    openaigw-cache turns the cache on (entries live 1 s: each round starts cold)."""
     gateway, route = "", ""
-    if variant == "openaigw-bare":
+    if variant == "openaigw-cache":
+        gateway = f"access_log = {tmp}/access-cache.log\n"
+        route = "cache = on\ncache.ttl = 1\n"
+    elif variant == "openaigw-bare":
         gateway = "access_log = off\n"
     elif variant == "openaigw-full":
         gateway = (f"access_log = {tmp}/access-full.log\n"
@@ -341,7 +349,7 @@ class Bench:
         wait_listening(rpr, self.procs[-1], f"twisted-rpr (see {self.tmp}/rpr.log)")
         self.pids["twisted-rpr"] = self.procs[-1].pid  # taskset execs, same pid
         env = dict(os.environ, OPENAI_API_KEY="sk-bench")
-        for variant in FEATURE_TARGETS:
+        for variant in FEATURE_TARGETS + CACHE_TARGETS[1:]:
             gw = self.ports[variant] = free_port()
             directory = os.path.join(self.tmp, variant)
             os.mkdir(directory)
@@ -394,6 +402,22 @@ class Bench:
         result = loadgen.streams(port, p.fast_streams, "fast", p.fast_chunks, p.fast_interval,
                                  timeout=p.fast_chunks * p.fast_interval + 30)
         result["cpu_us_per_chunk"] = (self.cpu(target) - cpu) / max(1, result["chunks"]) * 1e6
+        return result
+
+    def cache_streams(self, target: str, port: int) -> Dict[str, float]:
+        """CACHE_STREAMS identical fast streams at once; upstream calls from the access log."""
+        p = self.plan
+        log = os.path.join(self.tmp, target, "access-cache.log")
+        time.sleep(0.5)  # the access log is flushed every 0.1 s: the last run's lines first
+        offset = os.path.getsize(log)
+        result = loadgen.streams(port, CACHE_STREAMS, "fast", p.fast_chunks, p.fast_interval,
+                                 timeout=p.fast_chunks * p.fast_interval + 30)
+        time.sleep(0.5)
+        with open(log) as f:
+            f.seek(offset)
+            records = [json.loads(line) for line in f if line.strip()]
+        result["upstream_calls"] = sum(1 for r in records if r["upstream_status"] is not None)
+        result["coalesced"] = sum(1 for r in records if r["cache"] in ("coalesced", "hit"))
         return result
 
     def slow_streams(self, target: str, port: int) -> Dict[str, float]:
@@ -485,6 +509,29 @@ def features_table(bench: Bench) -> str:
     return layout(rows)
 
 
+def cache_table(bench: Bench) -> str:
+    """A hit against the same request proxied (wrk, same rounds), and identical streams."""
+    def cell(metric: str, target: str) -> str:
+        return fmt(summary(bench, metric, target))
+
+    rows = [["response cache, same run", "proxied", "hit", "hit/proxied"]]
+    for metric, label in (("hitcpu.rps", "wrk c=%d: req/s" % bench.plan.wrk_connections),
+                          ("hitcpu.p50_ms", "  latency p50 ms"), ("hitcpu.p99_ms", "  latency p99 ms"),
+                          ("hitcpu.cpu_us_per_req", "  gateway CPU us/request (target: <= 0.5)")):
+        values = [summary(bench, metric, t) for t in CACHE_TARGETS]
+        rows.append([label, fmt(values[0]), fmt(values[1]),
+                     fmt(values[1] / values[0] if values[0] else float("nan"), 2)])
+    streams = f"{CACHE_STREAMS} identical streams x {bench.plan.fast_chunks}"
+    target = CACHE_TARGETS[1]
+    rows.append([f"{streams}: upstream calls", str(CACHE_STREAMS), cell("cstream.upstream_calls", target),
+                 ""])
+    rows.append(["  streams complete", "", cell("cstream.complete", target), ""])
+    rows.append(["  coalesced (or hit)", "", cell("cstream.coalesced", target), ""])
+    rows.append(["  TTFB p50 / p99 ms", "", cell("cstream.ttfb_p50_ms", target) + " / "
+                 + cell("cstream.ttfb_p99_ms", target), ""])
+    return layout(rows)
+
+
 def layout(rows: List[List[str]]) -> str:
     """Rows as aligned columns: the first left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -530,6 +577,8 @@ def main() -> None:
         bench.rounds("fast", bench.fast_streams)
         bench.rounds("slow", bench.slow_streams)
         bench.rounds("feat", bench.throughput, FEATURE_TARGETS, plan.feature_rounds)
+        bench.rounds("hitcpu", bench.throughput, CACHE_TARGETS)
+        bench.rounds("cstream", bench.cache_streams, CACHE_TARGETS[1:])
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted; logs kept in {tmp}")
     except BaseException:
@@ -542,6 +591,7 @@ def main() -> None:
           f"total {time.monotonic() - started:.0f}s\n")
     print(text)
     print("\n" + features_table(bench))
+    print("\n" + cache_table(bench))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"plan": dataclasses.asdict(plan), "median": medians,

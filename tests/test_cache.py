@@ -16,6 +16,7 @@ from zope.interface.verify import verifyObject
 
 from openaigw.cache.entry import Entry
 from openaigw.cache.key import cache_key, cacheable, canonical_json
+from openaigw.cache.redis_store import RedisCacheStore
 from openaigw.cache.store import MemoryCacheStore
 from openaigw.config import ConfigError, parse
 from openaigw.interfaces import ICacheStore, IPlugin, IRequestFilter
@@ -103,6 +104,7 @@ def test_plugin_and_store_provide_interfaces():
     assert verifyObject(IPlugin, plugin)
     assert verifyObject(IRequestFilter, plugin.create(CacheSettings(), Gateway(CONFIG).runtime, "route:x"))
     assert verifyObject(ICacheStore, MemoryCacheStore(Clock(), 10))
+    assert verifyObject(ICacheStore, RedisCacheStore(None))
 
 
 def test_second_identical_request_is_a_hit():
@@ -249,9 +251,10 @@ def test_not_cacheable_requests_bypass():
     _, client = gw.client(post(b"/v1/files", b"{}"))
     gw.upstream(0).send(response(body=b"{}"))
     assert split(client.value())[1][b"x-cache-status"] == b"BYPASS"
-    _, client = gw.client(post(CHAT, b"not json"))
-    gw.upstream(0).send(response(body=b"{}"))
-    assert split(client.value())[1][b"x-cache-status"] == b"BYPASS"
+    for body in (b"not json", b'{"a": ' * 2000 + b"1" + b"}" * 2000):
+        _, client = gw.client(post(CHAT, body))
+        gw.upstream(0).send(response(body=b"{}"))
+        assert split(client.value())[1][b"x-cache-status"] == b"BYPASS"
 
 
 def test_stream_stored_after_done_and_replayed_event_by_event():
@@ -513,3 +516,23 @@ def test_config_errors(lines, message):
     with pytest.raises(ConfigError) as caught:
         parse(text, "gw.ini", {})
     assert message in str(caught.value)
+
+
+def test_admin_api_configures_the_cache():
+    """The same keys through the Admin API: plugins.cache {ttl, scope, max_entry_size, memory}."""
+    from tests.test_admin import Admin
+
+    admin = Admin()
+    route = {"uri": "/v1/chat/completions", "upstream_id": "file-up",
+             "plugins": {"cache": {"ttl": 30, "scope": "route", "max_entry_size": "2K", "memory": "1M"}}}
+    code, body = admin.call("PUT", "/apisix/admin/routes/r", route)
+    assert code == 201, body
+    served = [r for r in admin.service.config.routes if r.name == "r"][0]
+    assert {p.name: p.settings for p in served.plugins}["cache"] == CacheSettings(30, "route", 2048, 1 << 20)
+    assert admin.service._runtime.responses.store.max_bytes == 1 << 20
+    route["plugins"]["cache"] = {"scope": "everyone"}
+    code, body = admin.call("PUT", "/apisix/admin/routes/r", route)
+    assert code == 400 and "plugins.cache.scope" in body["error_msg"]
+    route["plugins"]["cache"] = {"size": 1}
+    code, body = admin.call("PUT", "/apisix/admin/routes/r", route)
+    assert code == 400 and "plugins.cache.size" in body["error_msg"]

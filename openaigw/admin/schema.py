@@ -188,6 +188,15 @@ def _proxy_rewrite(conf: Dict[str, Any], field: str, flat: Flat) -> None:
         flat.set("proxy-rewrite.headers.remove", " ".join(headers["remove"]), f"{field}.remove")
 
 
+def _cache(conf: Dict[str, Any], field: str, flat: Flat) -> None:
+    """openaigw's own: ``{"ttl": 3600, "scope": "consumer", "max_entry_size": "1M", "memory": "64M"}``."""
+    check_fields(conf, {"ttl": "number", "scope": "string", "max_entry_size": "", "memory": ""}, field)
+    flat.set("cache", True, field)
+    for option in ("ttl", "scope", "max_entry_size", "memory"):
+        if option in conf:
+            flat.set(f"cache.{option}", conf[option], f"{field}.{option}")
+
+
 def _plugins(value: Dict[str, Any], scope: str, flat: Flat) -> None:
     from openaigw.plugins import REGISTRY
 
@@ -207,6 +216,8 @@ def _plugins(value: Dict[str, Any], scope: str, flat: Flat) -> None:
             flat.set("key-auth", True, field)
         elif name == "proxy-rewrite":
             _proxy_rewrite(conf, field, flat)
+        elif name == "cache":
+            _cache(conf, field, flat)
         else:
             _limit(name, conf, field, flat)
 

@@ -47,13 +47,15 @@ def forbids_storing(headers: Headers) -> bool:
 
 @dataclass(frozen=True)
 class Entry:
-    """One cached answer; ``chunks`` are the SSE events of a stream, or the body."""
+    """One cached answer; ``chunks`` are the SSE events of a stream, or the body;
+    ``tokens`` the total of its usage (None if it had none)."""
 
     created: float
     status: int
     headers: Tuple[Tuple[bytes, bytes], ...]
     streamed: bool
     chunks: Tuple[bytes, ...]
+    tokens: Optional[int] = None
 
     @property
     def size(self) -> int:
@@ -67,6 +69,7 @@ class Entry:
             "status": self.status,
             "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in self.headers],
             "streamed": self.streamed,
+            "tokens": self.tokens,
             "chunks": [len(chunk) for chunk in self.chunks],
         }
         return json.dumps(head, separators=(",", ":")).encode("ascii") + b"\n" + b"".join(self.chunks)
@@ -89,9 +92,11 @@ class Entry:
                 chunks.append(body[start : start + length])
                 start += length
             headers = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in head["headers"])
-            created, status, streamed = head["created"], head["status"], head["streamed"]
+            created, status, streamed, tokens = head["created"], head["status"], head["streamed"], head["tokens"]
             if not isinstance(created, (int, float)) or not isinstance(status, int):
                 return None
-            return cls(float(created), status, headers, bool(streamed), tuple(chunks))
+            if tokens is not None and not isinstance(tokens, int):
+                return None
+            return cls(float(created), status, headers, bool(streamed), tuple(chunks), tokens)
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeError):
             return None

@@ -4,7 +4,8 @@ flight (COALESCED), or from the upstream (MISS), whose complete 200 is then stor
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -22,6 +23,7 @@ from openaigw.usage import UsageMeter, estimate_prompt_tokens
 log = Logger()
 STATUS = b"X-Cache-Status"
 _COMPLAINT_SECONDS = 60.0  # a failing store is logged at most this often
+_DECODED = 1024  # entries kept decoded, for stores that return the same bytes each time
 
 
 class ResponseCache:
@@ -33,6 +35,7 @@ class ResponseCache:
         self.flights: Dict[str, Flight] = {}
         self._next_complaint = 0.0
         self._failures = 0  # since the last complaint
+        self._decoded: "OrderedDict[str, Tuple[bytes, Entry]]" = OrderedDict()
 
     def size_for(self, config: Any) -> None:
         """Bound an in-process store by the largest ``cache.memory`` of ``config``'s
@@ -53,7 +56,18 @@ class ResponseCache:
         except Exception as e:
             self._failed(e)
             return None
-        return Entry.decode(data) if data is not None else None
+        if data is None:
+            return None
+        known = self._decoded.get(key)
+        if known is not None and known[0] is data:  # the memory store's very value
+            self._decoded.move_to_end(key)
+            return known[1]
+        entry = Entry.decode(data)
+        if entry is not None:
+            self._decoded[key] = (data, entry)
+            if len(self._decoded) > _DECODED:
+                self._decoded.popitem(last=False)
+        return entry
 
     def put(self, key: str, entry: Entry, ttl: float) -> None:
         """Store ``entry`` (in the background: a failure is logged and forgotten)."""
@@ -140,7 +154,7 @@ class CachedRequest:
         for name, value in entry.headers:
             head.headers.addRawHeader(name, value)
         flight = Flight.replay(head, entry.streamed, list(entry.chunks))
-        await self._deliver(exchange, relay, flight, charged=False)
+        await self._deliver(exchange, relay, flight, charged=False, tokens=entry.tokens)
 
     async def _lead(self, exchange: Exchange, relay: Any, shared: bool) -> None:
         """Go upstream; followers may join while the answer comes (``shared``)."""
@@ -177,14 +191,19 @@ class CachedRequest:
             flight.leave_waiting(waiting)
             raise
 
-    async def _deliver(self, exchange: Exchange, relay: Any, flight: Flight, charged: bool) -> None:
-        """Send ``flight``'s answer to the exchange's client; the leader's (``charged``)
-        tokens are its exchange's usage, the others' are tokens saved."""
+    async def _deliver(
+        self, exchange: Exchange, relay: Any, flight: Flight, charged: bool, tokens: Optional[int] = None
+    ) -> None:
+        """Send ``flight``'s answer to the exchange's client.  The leader's usage
+        (``charged``) is its exchange's; for the others it is tokens saved (a stored
+        answer's ``tokens``, or what a meter finds)."""
         head = flight.head
         assert head is not None
         relay.send_head(exchange, head.copy(), flight.length)
         meter = None
-        if 200 <= head.code < 300:  # usage: to charge (the leader) or to say what was saved
+        # A meter reads the usage (to charge, or to say what was saved), and strips the
+        # usage chunk from a stream for a client that did not ask for it.
+        if 200 <= head.code < 300 and (tokens is None or (flight.streamed and exchange.strip_usage)):
             content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
             encoding = head.headers.getRawHeaders(b"content-encoding", [b""])[0]
             meter = UsageMeter(content_type, encoding, exchange.strip_usage)
@@ -197,9 +216,10 @@ class CachedRequest:
         except CancelledError:
             subscriber.leave()
             raise
-        if meter is not None and not charged and subscriber.complete:
-            saved = meter.usage(lambda: estimate_prompt_tokens(exchange.json()))
-            record.tokens_saved = saved.total_tokens
+        if not charged and subscriber.complete:
+            if tokens is None and meter is not None:
+                tokens = meter.usage(lambda: estimate_prompt_tokens(exchange.json())).total_tokens
+            record.tokens_saved = tokens
 
     def _ended(self, flight: Flight, complete: bool) -> None:
         """The leader's answer is over: forget the flight; store the answer if it may be."""
@@ -220,5 +240,11 @@ class CachedRequest:
         chunks = stream_finished(flight.chunks) if flight.streamed else [b"".join(flight.chunks)]
         if chunks is None:
             return None
+        meter = UsageMeter(head.headers.getRawHeaders(b"content-type", [b""])[0], b"", False)
+        for chunk in chunks:
+            meter.feed(chunk)
+        meter.finish(True)
+        usage = meter.usage(lambda: 0)
         created = self._responses.clock.seconds()
-        return Entry(created, head.code, stored_headers(head.headers), flight.streamed, tuple(chunks))
+        return Entry(created, head.code, stored_headers(head.headers), flight.streamed, tuple(chunks),
+                     None if usage.estimated else usage.total_tokens)

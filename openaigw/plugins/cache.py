@@ -7,8 +7,10 @@ request, or a miss that goes upstream and is stored).
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from zope.interface import implementer
 
@@ -21,6 +23,7 @@ from openaigw.interfaces import IPlugin, IRequestFilter
 from openaigw.plugins.limits import check_options
 
 DEFAULT_MEMORY = 64 << 20
+_KEYS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -48,22 +51,43 @@ class CacheFilter:
         self._settings = settings
         self._responses = responses
         self._route = route
+        # Keys by (scope, path, the body's digest): a body seen before is not parsed
+        # and serialised again to find its key.
+        self._keys: "OrderedDict[Tuple[str, bytes, bytes], str]" = OrderedDict()
 
     def filter_request(self, exchange: Exchange) -> None:
         no_cache, no_store = client_directives(exchange)
-        body = exchange.json() if exchange.method == b"POST" else None
-        if no_store or not cacheable(exchange.method, exchange.path, body):
+        key = None if no_store or exchange.method != b"POST" else self._key(exchange)
+        if key is None:
             exchange.response_headers[STATUS] = b"BYPASS"
             exchange.context.record.cache = "bypass"
             return
+        # Stored answers are replayed to any client of the scope, event by event: plain.
+        exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])
+        exchange.cache = CachedRequest(self._responses, self._settings, key, lookup=not no_cache)
+
+    def _key(self, exchange: Exchange) -> Optional[str]:
+        """The cache key of ``exchange`` as it will go upstream; None if not cacheable."""
         if self._settings.scope == "route":
             scope = "route"
         else:
             scope = caller_scope(exchange.consumer, presented_key(exchange.request.requestHeaders))
-        # Stored answers are replayed to any client of the scope, event by event: plain.
-        exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])
-        key = cache_key(self._route, scope, exchange.path, body)
-        exchange.cache = CachedRequest(self._responses, self._settings, key, lookup=not no_cache)
+        seen = (scope, exchange.path, hashlib.sha256(exchange.body).digest())
+        key = self._keys.get(seen)
+        if key is not None:
+            self._keys.move_to_end(seen)
+            return key
+        body = exchange.json()
+        if not cacheable(exchange.method, exchange.path, body):
+            return None
+        try:
+            key = cache_key(self._route, scope, exchange.path, body)
+        except (ValueError, RecursionError):  # nested too deep to serialise again
+            return None
+        self._keys[seen] = key
+        if len(self._keys) > _KEYS_KEPT:
+            self._keys.popitem(last=False)
+        return key
 
 
 @implementer(IPlugin)
