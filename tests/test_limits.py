@@ -20,7 +20,7 @@ from openaigw.plugins import REGISTRY
 from openaigw.runtime import Runtime
 from twisted.web.http_headers import Headers
 
-from tests.memory import Gateway, post
+from tests.memory import Gateway, now, post
 
 KEY_A = "sk-gw-team-a-0123456789abcdef"
 KEY_B = "sk-gw-team-b-0123456789abcdef"
@@ -98,14 +98,6 @@ def test_interfaces():
 
 
 # --- stores ------------------------------------------------------------------------
-
-def now(d):
-    """The result of a memory store's Deferred: it has fired already."""
-    results = []
-    d.addBoth(results.append)
-    assert results, "a memory store answers at once"
-    return results[0]
-
 
 def test_window_counters_align_and_expire():
     """Windows are aligned to their length, report time to reset, and are dropped once over."""
