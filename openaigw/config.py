@@ -81,6 +81,7 @@ class UpstreamConfig:
     retries: int = 0
     keepalive_timeout: float = 30.0
     keepalive_pool: int = 64
+    max_connections: int = 0  # per node; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -472,6 +473,7 @@ def _upstream(section: Section) -> UpstreamConfig:
             "scheme", "nodes", "type", "ca_file", "pass_host", "upstream_host",
             "timeout_connect", "timeout_read", "retries", "keepalive_timeout",
             "keepalive_pool",
+            "max_connections",
         ),
     )
     name = section.name.partition(":")[2]
@@ -507,6 +509,7 @@ def _upstream(section: Section) -> UpstreamConfig:
         retries=section.number("retries", len(nodes) - 1, integer=True),
         keepalive_timeout=section.number("keepalive_timeout", 30.0),
         keepalive_pool=section.number("keepalive_pool", 64, integer=True),
+        max_connections=section.number("max_connections", 0, integer=True),
     )
 
 

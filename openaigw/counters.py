@@ -1,8 +1,14 @@
-"""In-memory state for the limit plugins: bounded, with expired entries dropped."""
+"""In-memory state for the limit plugins: bounded, with expired entries dropped.
+
+The interfaces are awaitable (a shared store answers later); these answer at once,
+with Deferreds that have fired already.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Dict, Tuple
+
+from twisted.internet.defer import Deferred, succeed
 
 from zope.interface import implementer
 
@@ -51,17 +57,17 @@ class MemoryWindowCounters(_Sweeping):
     def __len__(self) -> int:
         return len(self._counts)
 
-    def peek(self, key: str, window: float) -> Tuple[int, float]:
+    def peek(self, key: str, window: float) -> "Deferred[Tuple[int, float]]":
         now = self._now()
         end, count = self._current(key, window, now)
-        return count, end - now
+        return succeed((count, end - now))
 
-    def add(self, key: str, window: float, amount: int) -> Tuple[int, float]:
+    def add(self, key: str, window: float, amount: int) -> "Deferred[Tuple[int, float]]":
         now = self._now()
         end, count = self._current(key, window, now)
         count += amount
         self._counts[(key, window)] = (end, count)
-        return count, end - now
+        return succeed((count, end - now))
 
 
 @implementer(ILeakyBuckets)
@@ -81,14 +87,14 @@ class MemoryLeakyBuckets(_Sweeping):
         for key in empty:
             del self._buckets[key]
 
-    def take(self, key: str, rate: float, burst: float) -> Tuple[bool, float]:
+    def take(self, key: str, rate: float, burst: float) -> "Deferred[Tuple[bool, float]]":
         now = self._now()
         stored = self._buckets.get(key)
         level = 0.0 if stored is None else max(0.0, stored[0] - rate * (now - stored[1])) + 1
         if level > burst:
-            return False, (level - burst) / rate
+            return succeed((False, (level - burst) / rate))
         self._buckets[key] = (level, now, rate)
-        return True, level / rate
+        return succeed((True, level / rate))
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -101,19 +107,20 @@ class MemoryConcurrency:
     def __init__(self) -> None:
         self._in_flight: Dict[str, int] = {}
 
-    def acquire(self, key: str, limit: int) -> bool:
+    def acquire(self, key: str, limit: int) -> "Deferred[bool]":
         count = self._in_flight.get(key, 0)
         if count >= limit:
-            return False
+            return succeed(False)
         self._in_flight[key] = count + 1
-        return True
+        return succeed(True)
 
-    def release(self, key: str) -> None:
+    def release(self, key: str) -> "Deferred[None]":
         count = self._in_flight.get(key, 0) - 1
         if count > 0:
             self._in_flight[key] = count
         else:
             self._in_flight.pop(key, None)
+        return succeed(None)
 
     def __len__(self) -> int:
         return len(self._in_flight)

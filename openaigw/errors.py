@@ -93,3 +93,19 @@ def bad_gateway(message: str, reason: str) -> GatewayError:
 
 def gateway_timeout(message: str) -> GatewayError:
     return GatewayError(504, message, "upstream_error", "gateway_timeout", reason="upstream_timeout")
+
+
+class StateUnavailable(Exception):
+    """The shared state (Redis) did not answer in time: limits cannot be checked."""
+
+
+def state_unavailable() -> GatewayError:
+    """``state_unavailable = reject``: the limits cannot be checked, so no request passes."""
+    return GatewayError(
+        503,
+        "The gateway cannot check this request's limits right now (its shared state is"
+        " unavailable). Please try again shortly.",
+        "server_error",
+        "gateway_state_unavailable",
+        headers={"Retry-After": "1"},
+    )

@@ -55,31 +55,38 @@ class IWindowCounters(Interface):
     """Fixed-window counters (limit-count requests, ai-rate-limiting tokens).
 
     Windows are aligned to multiples of their length, so instances sharing a store
-    agree on them.  Implementations drop expired windows.
+    agree on them.  Implementations drop expired windows.  Every method returns a
+    Deferred (the memory store's has fired already); a store that cannot answer
+    fails it with :class:`openaigw.errors.StateUnavailable`.
     """
 
     def peek(key, window):  # type: ignore[no-untyped-def]
-        """Return ``(count, seconds_to_reset)`` for ``key``'s current window."""
+        """``(count, seconds_to_reset)`` for ``key``'s current window."""
 
     def add(key, window, amount):  # type: ignore[no-untyped-def]
-        """Add ``amount`` to ``key``'s current window; return ``(count, seconds_to_reset)``."""
+        """Add ``amount`` to ``key``'s current window: ``(count, seconds_to_reset)``
+        after the addition, in one atomic step."""
 
 
 class ILeakyBuckets(Interface):
-    """Leaky buckets for limit-req (nginx's limit_req semantics)."""
+    """Leaky buckets for limit-req (nginx's limit_req semantics); awaitable, as
+    IWindowCounters."""
 
     def take(key, rate, burst):  # type: ignore[no-untyped-def]
         """Admit one request: ``(True, delay)``, or ``(False, retry_after)`` when over the burst."""
 
 
 class IConcurrency(Interface):
-    """Counts requests in flight per key (limit-conn)."""
+    """Counts requests in flight per key (limit-conn); awaitable, as IWindowCounters.
+
+    A shared store must not keep the slots of a gateway that died: it leases them.
+    """
 
     def acquire(key, limit):  # type: ignore[no-untyped-def]
-        """Take a slot for ``key``; False when ``limit`` are already taken."""
+        """Take a slot for ``key``: True, or False when ``limit`` are already taken."""
 
     def release(key):  # type: ignore[no-untyped-def]
-        """Give back a slot taken by ``acquire``."""
+        """Give back a slot taken by ``acquire`` (never fails)."""
 
 
 class IRequestObserver(Interface):

@@ -115,6 +115,11 @@ class Metrics:
         self.rejections = Counter(
             "openaigw_rate_limit_rejections", "Requests rejected by a limit.", ["route", "limit"], registry=r
         )
+        self.state_unavailable_count = Counter(
+            "openaigw_state_unavailable",
+            "Limit checks the shared state (Redis) could not answer, by what the request got.",
+            ["limit", "action"], registry=r,
+        )
         self._model_cap = model_cap
         self._models: Set[str] = set()
         self._children: Dict[Tuple[Any, ...], Any] = {}
@@ -166,6 +171,9 @@ class Metrics:
 
     def upstream_failed(self, upstream: str, node: str, reason: str) -> None:
         self._child(self.upstream_failures, upstream, node, reason).inc()
+
+    def state_unavailable(self, limit: str, action: str) -> None:
+        self._child(self.state_unavailable_count, limit, action).inc()
 
     def stream_opened(self, route: str) -> None:
         self._child(self.streams, route).inc()

@@ -234,7 +234,7 @@ class RouteResource(Resource):
             headers.setRawHeaders(b"x-accel-buffering", [b"no"])
         exchange.context.record.streamed = streamed
         if exchange.method == b"HEAD" or code in (204, 304) or code < 200:
-            pass  # no body: Twisted reports length 0, which is not the entity's length
+            pass  # no body: HEAD and 304 keep the upstream's Content-Length, if any
         elif isinstance(length, int) and not exchange.strip_usage:
             headers.setRawHeaders(b"content-length", [b"%d" % length])
         else:
@@ -243,7 +243,11 @@ class RouteResource(Resource):
 
     def _upstream_head(self, exchange: Exchange, response: IResponse) -> Head:
         """The upstream's answer head, noted in the access record."""
+        bodiless = exchange.method == b"HEAD" or response.code == 304  # but the entity's length is told
+        declared = response.headers.getRawHeaders(b"content-length") if bodiless else None
         headers = response_headers(response.headers)
+        if declared:  # (the upstream's, not the length 0 of this body)
+            headers.setRawHeaders(b"content-length", declared)
         theirs = headers.getRawHeaders(b"x-request-id")
         record = exchange.context.record
         record.upstream_status = response.code

@@ -26,7 +26,7 @@ from openaigw.relay import RouteResource
 from openaigw.router import Router
 from openaigw.runtime import Runtime
 from openaigw.server import GatewaySite
-from openaigw.state import build_runtime, state_changed
+from openaigw.state import build_runtime, degraded, state_changed
 from openaigw.status import StatusSite, status_resource
 from openaigw.telemetry import Telemetry
 from openaigw.upstream import Upstream
@@ -88,7 +88,7 @@ class GatewayService(Service):
         self.config = config = config if catalog is None else catalog.config
         self._reactor = reactor
         self.telemetry = Telemetry()
-        self._runtime = build_runtime(config.gateway, reactor)
+        self._runtime = build_runtime(config.gateway, reactor, self.telemetry)
         self._configure_telemetry(config)
         self.site, self._upstreams = build_site(config, reactor, self._runtime, self.telemetry)
         self.status_site = StatusSite(status_resource(self, self.telemetry.metrics))
@@ -110,6 +110,11 @@ class GatewayService(Service):
             old.close()
         if gateway.status and self.telemetry.metrics is None:
             self.telemetry.metrics = Metrics(gateway.metrics_max_models)
+
+    @property
+    def degraded(self) -> Optional[str]:
+        """Why the gateway serves in a degraded way (for /readyz), or None."""
+        return degraded(self._runtime)
 
     def _wanted(self, config: Config) -> Dict[Tuple[str, str], Any]:
         wanted = {("listen", d): self.site for d in config.gateway.listen}

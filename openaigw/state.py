@@ -1,24 +1,31 @@
 """``[gateway] state``: where the limits and the response cache keep their state
-(this process, or a Redis)."""
+(this process, or a Redis), and what limits do when a Redis cannot answer
+(``state_unavailable``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from openaigw.cache.redis_store import RedisCacheStore
 from openaigw.cache.responses import ResponseCache
 from openaigw.config import GatewayConfig
+from openaigw.redis_counters import RedisConcurrency, RedisLeakyBuckets, RedisWindowCounters
 from openaigw.redisclient import RedisClient
-from openaigw.runtime import Runtime
+from openaigw.runtime import Runtime, StateGuard
 
 
-def build_runtime(gateway: GatewayConfig, reactor: Any) -> Runtime:
-    """The Runtime for ``gateway``'s state: memory stores, and the Redis client
-    (not connected yet: ``runtime.redis.start()``) when ``state`` names a Redis."""
+def build_runtime(gateway: GatewayConfig, reactor: Any, telemetry: Optional[Any] = None) -> Runtime:
+    """The Runtime for ``gateway``'s state: memory stores, or Redis stores and their
+    client (not connected yet: ``runtime.redis.start()``)."""
     runtime = Runtime.memory(reactor)
+    runtime.guard = StateGuard(gateway.state_unavailable, telemetry)
     if gateway.state is not None:
-        runtime.redis = RedisClient(reactor, gateway.state, gateway.state_timeout)
-        runtime.responses = ResponseCache(RedisCacheStore(runtime.redis), reactor)
+        client = RedisClient(reactor, gateway.state, gateway.state_timeout)
+        runtime.redis = client
+        runtime.responses = ResponseCache(RedisCacheStore(client), reactor)
+        runtime.counters = RedisWindowCounters(client, reactor)
+        runtime.buckets = RedisLeakyBuckets(client, reactor)
+        runtime.concurrency = RedisConcurrency(client, reactor)
     return runtime
 
 
@@ -27,3 +34,11 @@ def state_changed(old: GatewayConfig, new: GatewayConfig) -> bool:
     return (old.state, old.state_timeout, old.state_unavailable) != (
         new.state, new.state_timeout, new.state_unavailable
     )
+
+
+def degraded(runtime: Runtime) -> Optional[str]:
+    """Why the gateway is degraded (for /readyz), or None."""
+    client = runtime.redis
+    if client is not None and not client.available:
+        return f"shared state unavailable (Redis at {client.address})"
+    return None

@@ -24,6 +24,9 @@ class _Health(Resource):
         if self._readiness and not self._service.ready:
             request.setResponseCode(503)
             return b"not ready\n"
+        why = getattr(self._service, "degraded", None) if self._readiness else None
+        if why:  # still ready: every gateway shares the trouble, none is better
+            return f"degraded: {why}\n".encode("utf-8")
         return b"ok\n"
 
     render_HEAD = render_GET
@@ -56,7 +59,9 @@ class StatusSite(Site):
 
 def status_resource(service: Any, metrics: Optional[Metrics]) -> Resource:
     """``/healthz``: the process answers; ``/readyz``: 200 while ``service.ready``
-    (configuration loaded, listeners up, not draining), else 503; ``/metrics``."""
+    (configuration loaded, listeners up, not draining), else 503, its body saying
+    ``degraded: WHY`` when ``service.degraded`` says why (the shared state is
+    unavailable); ``/metrics``."""
     root = Resource()
     root.putChild(b"healthz", _Health(service, readiness=False))
     root.putChild(b"readyz", _Health(service, readiness=True))

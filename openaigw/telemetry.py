@@ -25,6 +25,10 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.upstream_failed(upstream, node, reason)
 
+    def state_unavailable(self, limit: str, action: str) -> None:
+        if self.metrics is not None:
+            self.metrics.state_unavailable(limit, action)
+
     def stream_opened(self, route: str) -> None:
         if self.metrics is not None:
             self.metrics.stream_opened(route)

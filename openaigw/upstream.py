@@ -31,6 +31,7 @@ from openaigw.exchange import Exchange
 from openaigw.h1client import (
     ConnectionPool,
     InvalidResponse,
+    NoConnectionFree,
     ResponseTimeout,
     StaleConnection,
     serialize_request,
@@ -168,6 +169,7 @@ CONNECT = "connect"  # refused, unreachable, reset while connecting
 DNS = "dns"  # the node's name did not resolve
 TLS = "tls"  # the handshake or the certificate check failed
 CONNECT_TIMEOUT = "connect_timeout"  # no connection within timeout_connect
+BUSY = "busy"  # the node has max_connections open, none came free within timeout_connect
 TIMEOUT = "timeout"  # no answer's head within timeout_read of the request being written
 LOST = "lost"  # the connection was lost before any of the answer
 STALE = "stale"  # the same, on a reused connection (the upstream may have closed it idle)
@@ -221,6 +223,8 @@ def classify(error: BaseException, node: Node) -> AttemptFailure:
         elif isinstance(error, (ConnectTimeout, neterror.TimeoutError)):
             kind = CONNECT_TIMEOUT
             answer = errors.bad_gateway("Connecting to the upstream server timed out", "connect_timeout")
+        elif isinstance(error, NoConnectionFree):
+            kind, answer = BUSY, errors.bad_gateway(str(error), "busy")
         elif isinstance(error, neterror.DNSLookupError):
             kind, answer = DNS, errors.bad_gateway("The upstream server could not be reached", "dns")
         else:
@@ -236,6 +240,7 @@ _LOG_FORMATS = {
     CUT: "upstream {upstream} node {node}: connection lost in the answer's head: {reason}",
 }
 _CANNOT_CONNECT = "upstream {upstream} node {node}: cannot connect: {reason}"
+_LOG_FORMATS[BUSY] = _CANNOT_CONNECT
 
 
 class Upstream:
@@ -247,7 +252,8 @@ class Upstream:
         self._telemetry = telemetry or Telemetry()
         self._balancer = RoundRobin(config.nodes)
         self.pool = ConnectionPool(
-            reactor, node_endpoints(reactor, config), config.keepalive_pool, config.keepalive_timeout
+            reactor, node_endpoints(reactor, config), config.keepalive_pool, config.keepalive_timeout,
+            config.max_connections, config.timeout_connect,
         )
         default = 443 if config.scheme == "https" else 80
         self._node_hosts = {  # Host as pass_host = node sends it

@@ -11,7 +11,7 @@ from openaigw.accesslog import AccessRecord
 from openaigw.config import parse
 from openaigw.metrics import Metrics
 from openaigw.telemetry import Telemetry
-from openaigw.runtime import Runtime
+from openaigw.state import build_runtime
 from openaigw.service import build_site
 
 BASE_CONFIG = """
@@ -73,10 +73,10 @@ class Gateway:
     def __init__(self, config: str = BASE_CONFIG, environ: Optional[dict] = None, metrics: bool = False) -> None:
         self.reactor = MemoryReactorClock()
         self.config = parse(config, "gw.ini", environ if environ is not None else {"KEY": "sk-real"})
-        self.runtime = Runtime.memory(self.reactor)
         self.records: List[AccessRecord] = []
         self.metrics = Metrics(model_cap=2) if metrics else None
         self.telemetry = Telemetry(metrics=self.metrics)
+        self.runtime = build_runtime(self.config.gateway, self.reactor, self.telemetry)
         self.telemetry.access_log = _Recorder(self.records)  # type: ignore[assignment]
         self.site, self.upstreams = build_site(self.config, self.reactor, self.runtime, self.telemetry)
         self._connections: dict = {}
@@ -108,6 +108,14 @@ class Gateway:
 
     def connects(self) -> List[str]:
         return [f"{host}:{port}" for host, port, *_ in self.reactor.tcpClients]
+
+
+def now(d: Any) -> Any:
+    """The result of a memory store's Deferred: it has fired already."""
+    results: List[Any] = []
+    d.addBoth(results.append)
+    assert results, "a memory store answers at once"
+    return results[0]
 
 
 def post(path: bytes, body: bytes, headers: bytes = b"") -> bytes:

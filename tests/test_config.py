@@ -289,3 +289,13 @@ def test_methods_and_header_names_are_tokens(key, value, valid):
         parse(_text(sections), "/etc/gw.ini", {})
     else:
         assert "[route:r] " + key in bad(_text(sections))
+
+
+def test_max_connections():
+    """[upstream:NAME] max_connections: 0 (no limit) by default, a whole number >= 0."""
+    base = "[upstream:u]\nscheme = http\nnodes = 10.0.0.1:80\n"
+    route = "[route:r]\nuri = /v1/*\nupstream = u\n"
+    assert parse(base + route, "gw.ini", {}).upstreams["u"].max_connections == 0
+    assert parse(base + "max_connections = 8\n" + route, "gw.ini", {}).upstreams["u"].max_connections == 8
+    assert "max_connections" in bad(base + "max_connections = -1\n" + route)
+    assert "max_connections" in bad(base + "max_connections = 1.5\n" + route)

@@ -6,7 +6,7 @@ import json
 from typing import Any, List
 
 import pytest
-from twisted.internet.defer import CancelledError, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -19,8 +19,10 @@ from openaigw.h1client import (
     MAX_HEAD,
     ConnectionPool,
     InvalidResponse,
+    NoConnectionFree,
     ResponseTimeout,
     StaleConnection,
+    parse_head,
     serialize_request,
 )
 
@@ -28,6 +30,7 @@ from tests.memory import BASE_CONFIG, Gateway, post
 
 KEY = "node"
 READ_TIMEOUT = 30.0
+QUEUE_TIMEOUT = 5.0
 REQUEST = b"GET / HTTP/1.1\r\nHost: node\r\n\r\n"
 DONE = Failure(ConnectionDone())
 STRAY = b"HTTP/1.1 408 Request Timeout\r\n\r\n"  # what some servers send before closing idle connections
@@ -75,10 +78,12 @@ class Body(Protocol):
 class Pool:
     """A ConnectionPool to one node over an :class:`Endpoint` and a fake clock."""
 
-    def __init__(self, max_idle: int = 2, idle_timeout: float = 10.0) -> None:
+    def __init__(self, max_idle: int = 2, idle_timeout: float = 10.0, max_connections: int = 0) -> None:
         self.reactor = MemoryReactorClock()
         self.endpoint = Endpoint()
-        self.pool = ConnectionPool(self.reactor, {KEY: self.endpoint}, max_idle, idle_timeout)
+        self.pool = ConnectionPool(
+            self.reactor, {KEY: self.endpoint}, max_idle, idle_timeout, max_connections, QUEUE_TIMEOUT
+        )
 
     def ask(self, head_only: bool = False) -> "Call":
         return Call(self, head_only)
@@ -180,13 +185,12 @@ def test_chunked_body_any_split(reads):
 
 
 @pytest.mark.parametrize("reason, ending", ((ConnectionDone(), PotentialDataLoss), (ConnectionLost(), ResponseFailed)))
-@pytest.mark.parametrize("head", (b"HTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"))
-def test_body_until_close(head, reason, ending):
+def test_body_until_close(reason, ending):
     """Without length or chunking the body ends with the connection: PotentialDataLoss
     when it closes cleanly, a failure otherwise; the connection is not reused."""
     h = Pool()
     call = h.ask()
-    call.answer(head + b"abc")
+    call.answer(b"HTTP/1.1 200 OK\r\n\r\nabc")
     assert call.response.length is UNKNOWN_LENGTH
     body = call.deliver()
     call.answer(b"def")
@@ -241,6 +245,11 @@ INVALID_HEADS = {
     "length list": b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
     "negative length": b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
     "protocol switch": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+    "coding after chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+    "coding not chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    "coding before chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+    "chunked twice": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "length not a number": b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
 }
 
 
@@ -501,11 +510,14 @@ def test_bytes_after_body_not_reusable(answer):
     assert call.transport.disconnecting and not h.ask().reused
 
 
-def test_gateway_invalid_upstream_answer_is_502():
-    """Garbage from an upstream: 502 bad_gateway, upstream_invalid_response, not sent elsewhere."""
+@pytest.mark.parametrize("answer", (b"NOT HTTP\r\n\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n"
+                                    b"\r\n5\r\nhello\r\n0\r\n\r\n"), ids=("garbage", "chunked then gzip"))
+def test_gateway_invalid_upstream_answer_is_502(answer):
+    """Garbage from an upstream, or a body coded in a way it would pass on as plain:
+    502 bad_gateway, upstream_invalid_response, not sent elsewhere."""
     gw = Gateway()
     _, client = gw.client(post(b"/v1/chat/completions", b'{"model": "m"}'))
-    gw.upstream().send(b"NOT HTTP\r\n\r\n")
+    gw.upstream().send(answer)
     raw = client.value()
     assert raw.startswith(b"HTTP/1.1 502")
     assert json.loads(raw.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_gateway"
@@ -576,3 +588,247 @@ def test_gateway_does_not_resend_once_the_answer_began():
     upstream.protocol.connectionLost(DONE)
     assert second.value().startswith(b"HTTP/1.1 502")
     assert gw.requests_sent() == 2
+
+
+def test_connection_tokens_are_parsed():
+    """Connection is a list of tokens: one that merely contains "close" keeps the
+    connection, a "close" token among others closes it."""
+    h = Pool()
+    assert not h.served(ok(headers=b"Connection: x-close-later\r\n")).transport.disconnecting
+    assert h.ask().reused
+    h = Pool()
+    assert h.served(ok(headers=b"Connection: x-a\r\nConnection: te,  close \r\n")).transport.disconnecting
+
+
+@pytest.mark.parametrize("head_only, status", ((True, b"200 OK"), (False, b"304 Not Modified")))
+def test_declared_length_kept_without_body(head_only, status):
+    """HEAD and 304 answers have no body, but keep the upstream's Content-Length (as one number)."""
+    call = Pool().ask(head_only=head_only)
+    call.answer(b"HTTP/1.1 " + status + b"\r\nContent-Length: 1234, 1234\r\n\r\n")
+    assert call.response.length == 0
+    assert call.response.headers.getRawHeaders(b"content-length") == [b"1234"]
+
+
+def test_parse_head_is_a_pure_function():
+    """parse_head reads a head on its own: framing, persistence, the upstream's keep-alive."""
+    head = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\nKeep-Alive: timeout=5, max=100", False)
+    assert head is not None
+    assert (head.code, head.framing, head.persistent, head.keep_alive) == (200, -1, True, 5)
+    assert parse_head(b"HTTP/1.1 100 Continue", False) is None
+    head = parse_head(b"HTTP/1.0 200 OK\r\nContent-Length: 3", False)
+    assert head is not None and (head.framing, head.persistent, head.keep_alive) == (3, False, None)
+
+
+@pytest.mark.parametrize("keep_alive, kept", ((b"timeout=5", 4.0), (b"timeout=60", 10.0), (b"max=9", 10.0)))
+def test_idle_limit_follows_keep_alive(keep_alive, kept):
+    """An idle connection is closed a second before the upstream's Keep-Alive timeout,
+    and never later than idle_timeout."""
+    h = Pool(idle_timeout=10)
+    call = h.served(ok(headers=b"Keep-Alive: " + keep_alive + b"\r\n"))
+    h.reactor.advance(kept - 0.1)
+    assert not call.transport.disconnecting
+    h.reactor.advance(0.1)
+    assert call.transport.disconnecting
+
+
+def test_keep_alive_shortened_on_reuse():
+    """A later answer with a shorter Keep-Alive timeout shortens the idle limit."""
+    h = Pool(idle_timeout=10)
+    call = h.served()
+    h.served(ok(headers=b"Keep-Alive: timeout=3\r\n"))
+    h.reactor.advance(1.9)
+    assert not call.transport.disconnecting
+    h.reactor.advance(0.1)
+    assert call.transport.disconnecting
+
+
+def test_keep_alive_of_one_second_not_pooled():
+    """An upstream that keeps idle connections a second or less: not worth the race."""
+    h = Pool()
+    assert h.served(ok(headers=b"Keep-Alive: timeout=1\r\n")).transport.disconnecting
+    assert not h.ask().reused
+
+
+class Failing(Body):
+    """A consumer that raises from dataReceived or connectionLost."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.ends: List[Failure] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.where == "data":
+            raise RuntimeError("consumer bug")
+
+    def connectionLost(self, reason: Failure = DONE) -> None:
+        super().connectionLost(reason)
+        self.ends.append(reason)
+        if self.where == "end":
+            raise RuntimeError("consumer bug")
+
+
+@pytest.mark.parametrize("where", ("data", "end"))
+def test_failing_consumer_gives_the_connection_up(where):
+    """A body consumer that raises: the connection is aborted (not pooled, not wedged:
+    its place is free), and a consumer whose dataReceived raised is ended with
+    ResponseFailed."""
+    h = Pool(max_connections=1)
+    call = h.ask()
+    call.answer(ok(b"abcdef")[:-3])
+    consumer = Failing(where)
+    call.response.deliverBody(consumer)
+    call.answer(b"def")
+    assert call.transport.disconnected
+    [end] = consumer.ends
+    assert end.check(ResponseFailed if where == "data" else ResponseDone)
+    call.connection.connectionLost(Failure(ConnectionLost()))
+    assert len(consumer.ends) == 1
+    assert not h.ask().reused and len(h.endpoint.connections) == 2
+
+
+@pytest.mark.parametrize("where", ("data", "end"))
+def test_failing_consumer_of_a_body_already_read(where):
+    """A consumer given a body that had all come (its connection back in the pool)
+    raises: it is still ended (ResponseFailed when dataReceived raised), and the
+    connection, which did nothing wrong, stays pooled."""
+    h = Pool()
+    call = h.ask()
+    call.answer(ok(b"abcdef"))
+    consumer = Failing(where)
+    call.response.deliverBody(consumer)
+    [end] = consumer.ends
+    assert end.check(ResponseFailed if where == "data" else ResponseDone)
+    assert h.ask().reused
+
+
+def test_failing_consumer_of_early_reads():
+    """A consumer raising on reads that came before deliverBody (the body not over):
+    the connection is given up and the consumer ended."""
+    h = Pool()
+    call = h.ask()
+    call.answer(ok(b"abcdef")[:-3])
+    consumer = Failing("data")
+    call.response.deliverBody(consumer)
+    assert call.transport.disconnected
+    [end] = consumer.ends
+    assert end.check(ResponseFailed)
+
+
+def test_consumer_failing_when_the_connection_is_lost():
+    """A consumer raising from connectionLost as the connection is lost: the
+    connection still leaves the pool and frees its place."""
+    h = Pool(max_connections=1)
+    call = h.ask()
+    call.answer(ok(b"abcdef")[:-3])
+    call.response.deliverBody(Failing("end"))
+    call.connection.connectionLost(Failure(ConnectionLost()))
+    assert not h.ask().reused and len(h.endpoint.connections) == 2
+
+
+class PendingEndpoint:
+    """Connects when told: each connect() is a Deferred the test fires."""
+
+    def __init__(self) -> None:
+        self.attempts: List[Any] = []
+        self.connections: List[Any] = []
+
+    def connect(self, factory: Any) -> Any:
+        d: Deferred = Deferred()
+        self.attempts.append((factory, d))
+        return d
+
+    def succeed(self, index: int = -1) -> Any:
+        factory, d = self.attempts[index]
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.connections.append(protocol)
+        d.callback(protocol)
+        return protocol
+
+
+def limited(max_connections: int = 1) -> Any:
+    reactor = MemoryReactorClock()
+    endpoint = PendingEndpoint()
+    pool = ConnectionPool(reactor, {KEY: endpoint}, 2, 10.0, max_connections, QUEUE_TIMEOUT)
+
+    def ask() -> List[Any]:
+        results: List[Any] = []
+        pool.request(KEY, [REQUEST], False, READ_TIMEOUT).addBoth(results.append)
+        return results
+
+    return reactor, endpoint, pool, ask
+
+
+def test_max_connections_queues_then_hands_over():
+    """Beyond max_connections (those connecting count) a request waits; a connection
+    that has answered goes to the first waiting request, in order."""
+    reactor, endpoint, pool, ask = limited(1)
+    first, second, third = ask(), ask(), ask()
+    assert len(endpoint.attempts) == 1
+    connection = endpoint.succeed()
+    assert connection.transport.value() == REQUEST
+    connection.dataReceived(ok())
+    first[0].deliverBody(Body())
+    assert connection.transport.value() == REQUEST * 2 and second == [] and third == []
+    connection.dataReceived(ok())
+    assert second[0].code == 200 and third == []
+    second[0].deliverBody(Body())
+    assert connection.transport.value() == REQUEST * 3 and len(endpoint.attempts) == 1
+    connection.dataReceived(ok())
+    third[0].deliverBody(Body())
+    assert pool.request(KEY, [REQUEST], False, READ_TIMEOUT) is not None
+    assert len(endpoint.attempts) == 1 and reactor.getDelayedCalls() != []
+
+
+def test_waiting_request_connects_when_a_place_frees():
+    """A connection lost (or a failed connect) frees its place: a waiting request
+    connects then."""
+    reactor, endpoint, pool, ask = limited(1)
+    ask()
+    waiting = ask()
+    endpoint.attempts[0][1].errback(Failure(ConnectionLost()))
+    assert len(endpoint.attempts) == 2 and waiting == []
+    connection = endpoint.succeed()
+    third = ask()
+    connection.connectionLost(Failure(ConnectionLost()))
+    assert waiting[0].check(ResponseNeverReceived)
+    assert len(endpoint.attempts) == 3 and third == []
+
+
+def test_waiting_is_bounded_and_cancellable():
+    """A request waits queue_timeout at most (NoConnectionFree), and one cancelled
+    while waiting leaves the queue."""
+    reactor, endpoint, pool, ask = limited(1)
+    ask()
+    cancelled = pool.request(KEY, [REQUEST], False, READ_TIMEOUT)
+    cancelled.addErrback(lambda f: f.trap(CancelledError))
+    timed = ask()
+    cancelled.cancel()
+    reactor.advance(QUEUE_TIMEOUT)
+    assert timed[0].check(NoConnectionFree)
+    connection = endpoint.succeed()
+    connection.dataReceived(ok())
+    assert connection.transport.value() == REQUEST  # nobody was left waiting for it
+
+
+def test_gateway_max_connections_queues():
+    """With max_connections = 1 a second request waits for the node's one connection
+    and goes on it; one that waits longer than timeout_connect gets 502 upstream_busy."""
+    config = BASE_CONFIG.replace("    10.0.0.2:8080 1\n", "").replace("retries = 1", "max_connections = 1")
+    gw = Gateway(config)
+    _, first = gw.client(post(b"/v1/chat/completions", b'{"model": "m"}'))
+    upstream = gw.upstream()
+    _, second = gw.client(post(b"/v1/chat/completions", b'{"model": "m"}'))
+    assert len(gw.connects()) == 1 and upstream.received().count(b"POST ") == 1
+    upstream.send(ok(b"{}", b"Content-Type: application/json\r\n"))
+    assert first.value().startswith(b"HTTP/1.1 200") and upstream.received().count(b"POST ") == 2
+    _, third = gw.client(post(b"/v1/chat/completions", b'{"model": "m"}'))
+    gw.reactor.advance(4.9)
+    assert third.value() == b""
+    gw.reactor.advance(0.1)
+    assert third.value().startswith(b"HTTP/1.1 502")
+    assert gw.records[-1].error == "upstream_busy"
+    upstream.send(ok(b"{}", b"Content-Type: application/json\r\n"))
+    assert second.value().startswith(b"HTTP/1.1 200") and len(gw.connects()) == 1

@@ -20,7 +20,7 @@ from openaigw.plugins import REGISTRY
 from openaigw.runtime import Runtime
 from twisted.web.http_headers import Headers
 
-from tests.memory import Gateway, post
+from tests.memory import Gateway, now, post
 
 KEY_A = "sk-gw-team-a-0123456789abcdef"
 KEY_B = "sk-gw-team-b-0123456789abcdef"
@@ -104,11 +104,11 @@ def test_window_counters_align_and_expire():
     clock = Clock()
     clock.advance(125)
     counters = MemoryWindowCounters(clock)
-    assert counters.add("k", 60, 1) == (1, 55)
-    assert counters.add("k", 60, 2) == (3, 55)
-    assert counters.peek("k", 60) == (3, 55)
+    assert now(counters.add("k", 60, 1)) == (1, 55)
+    assert now(counters.add("k", 60, 2)) == (3, 55)
+    assert now(counters.peek("k", 60)) == (3, 55)
     clock.advance(55)
-    assert counters.peek("k", 60) == (0, 60)
+    assert now(counters.peek("k", 60)) == (0, 60)
     for i in range(10000):
         counters.add(f"client-{i}", 60, 1)
     assert len(counters) >= 10000
@@ -121,11 +121,11 @@ def test_leaky_bucket_delays_then_rejects():
     """rate 5/s burst 2: 0, 0.2 s, 0.4 s of delay, then rejection until it drains."""
     clock = Clock()
     buckets = MemoryLeakyBuckets(clock)
-    assert [buckets.take("k", 5, 2) for _ in range(3)] == [(True, 0.0), (True, 0.2), (True, 0.4)]
-    admitted, retry_after = buckets.take("k", 5, 2)
+    assert [now(buckets.take("k", 5, 2)) for _ in range(3)] == [(True, 0.0), (True, 0.2), (True, 0.4)]
+    admitted, retry_after = now(buckets.take("k", 5, 2))
     assert not admitted and retry_after == pytest.approx(0.2)
     clock.advance(0.4)
-    assert buckets.take("k", 5, 2) == (True, pytest.approx(0.2))
+    assert now(buckets.take("k", 5, 2)) == (True, pytest.approx(0.2))
     clock.advance(20)
     buckets.take("other", 5, 2)
     assert len(buckets) == 1  # "k" drained and was dropped
@@ -134,10 +134,10 @@ def test_leaky_bucket_delays_then_rejects():
 def test_concurrency_slots():
     """limit-conn slots are taken and given back; idle keys take no memory."""
     slots = MemoryConcurrency()
-    assert slots.acquire("k", 2) and slots.acquire("k", 2)
-    assert not slots.acquire("k", 2)
-    slots.release("k")
-    assert slots.acquire("k", 2)
+    assert now(slots.acquire("k", 2)) and now(slots.acquire("k", 2))
+    assert not now(slots.acquire("k", 2))
+    assert now(slots.release("k")) is None
+    assert now(slots.acquire("k", 2))
     slots.release("k")
     slots.release("k")
     assert len(slots) == 0
@@ -322,7 +322,7 @@ def test_upstream_errors_are_not_charged():
     gw.upstream(0).send(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                         % (len(body), body))
     counters = gw.runtime.counters
-    assert counters.peek("ai-rate-limiting/route:chat|consumer=team-b", 60)[0] == 0
+    assert now(counters.peek("ai-rate-limiting/route:chat|consumer=team-b", 60))[0] == 0
 
 
 def sse(*events: dict, done: bool = True) -> bytes:
@@ -355,7 +355,7 @@ def test_stream_without_include_usage_is_counted_and_stripped():
     assert b"usage" not in relayed
     assert relayed.count(b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}]}\n\n') == 2
     assert b"data: [DONE]" in relayed
-    assert gw.runtime.counters.peek("ai-rate-limiting/route:chat|consumer=team-b", 60)[0] == 10
+    assert now(gw.runtime.counters.peek("ai-rate-limiting/route:chat|consumer=team-b", 60))[0] == 10
 
 
 def test_stream_with_include_usage_passes_usage_chunk():
@@ -368,7 +368,7 @@ def test_stream_with_include_usage_passes_usage_chunk():
     usage = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
     upstream.send(STREAM_HEAD + chunked(sse({"choices": [], "usage": None}, usage)) + b"0\r\n\r\n")
     assert b'"usage":{"prompt_tokens":1' in client.value()
-    assert gw.runtime.counters.peek("ai-rate-limiting/route:chat|consumer=team-b", 60)[0] == 3
+    assert now(gw.runtime.counters.peek("ai-rate-limiting/route:chat|consumer=team-b", 60))[0] == 3
 
 
 def test_cut_stream_is_charged_an_estimate():
@@ -381,7 +381,7 @@ def test_cut_stream_is_charged_an_estimate():
     upstream.send(STREAM_HEAD + chunked(sse(*[{"choices": [{"delta": {"content": "x"}}], "usage": None}] * 5,
                                             done=False)))
     channel.connectionLost(Failure(ConnectionDone()))
-    assert gw.runtime.counters.peek("ai-rate-limiting/route:chat|consumer=team-b", 60)[0] == 50 + 4 + 5
+    assert now(gw.runtime.counters.peek("ai-rate-limiting/route:chat|consumer=team-b", 60))[0] == 50 + 4 + 5
 
 
 def test_usage_found_at_every_split():

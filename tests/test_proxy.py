@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -409,6 +411,20 @@ def test_disconnect_while_connecting_tries_no_other_node():
     channel, _ = gw.client(post(CHAT, BODY))
     channel.connectionLost(Failure(ConnectionDone()))
     assert gw.connects() == ["10.0.0.1:8080"]
+
+
+@pytest.mark.parametrize("request_, answer", (
+    (b"HEAD /v1/files/f HTTP/1.1\r\nHost: gw\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"),
+    (b"GET /v1/files/f HTTP/1.1\r\nHost: gw\r\nIf-None-Match: \"e\"\r\n\r\n",
+     b"HTTP/1.1 304 Not Modified\r\nETag: \"e\"\r\nContent-Length: 1234\r\n\r\n"),
+), ids=("HEAD", "304"))
+def test_bodiless_answers_keep_the_upstream_length(request_, answer):
+    """HEAD and 304 answers tell the client the upstream's Content-Length (and no body follows)."""
+    gw = Gateway()
+    _, client = gw.client(request_)
+    gw.upstream().send(answer)
+    head, _, rest = client.value().partition(b"\r\n\r\n")
+    assert b"\r\nContent-Length: 1234" in head and b"Transfer-Encoding" not in head and rest == b""
 
 
 def test_paths_are_normalised_before_routing():

@@ -1,4 +1,4 @@
-"""The Redis client against a real redis-server (Debian's) on 127.0.0.1."""
+"""The Redis client and the limit stores against a real redis-server (Debian's) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
+from zope.interface.verify import verifyObject
+
+from openaigw.errors import StateUnavailable
+from openaigw.interfaces import IConcurrency, ILeakyBuckets, IWindowCounters
+from openaigw.redis_counters import RedisConcurrency, RedisLeakyBuckets, RedisWindowCounters
 from openaigw.redisclient import RedisClient, RedisError, RedisUnavailable, Script, parse_url
 from openaigw.testing import RedisServer
 
@@ -34,7 +39,7 @@ class RedisTestCase(unittest.TestCase):
     """A redis-server with a password for each test, and a client of it."""
 
     password: Any = CANARY
-    timeout = 5.0
+    db = 2
 
     def setUp(self) -> Any:
         if shutil.which("redis-server") is None:
@@ -42,7 +47,7 @@ class RedisTestCase(unittest.TestCase):
         self.server = RedisServer(tempfile.mkdtemp(prefix="openaigw-redis-"), self.password).start()
         self.addCleanup(self.server.stop)
         self.addCleanup(shutil.rmtree, self.server.directory, True)
-        self.client = self.connect(self.server.url.replace("/0", "/2"))
+        self.client = self.connect(self.server.url.replace("/0", f"/{self.db}"))
         return Deferred.fromCoroutine(until(lambda: self.client.available))
 
     def connect(self, url: str, timeout: float = 0.25) -> RedisClient:
@@ -131,3 +136,100 @@ class UnixSocketTests(RedisTestCase):
     def test_unix_socket(self) -> Any:
         """unix:///path?db=N connects over the socket and selects the database."""
         return Deferred.fromCoroutine(self._unix())
+
+
+class StoreTests(RedisTestCase):
+    """The limit stores' Lua scripts on a real Redis."""
+
+    password = None
+    db = 0
+
+    async def _windows(self) -> None:
+        counters = RedisWindowCounters(self.client, reactor)
+        verifyObject(IWindowCounters, counters)
+        count, reset = await counters.add("limit-count/route:r|addr=1.2.3.4", 60, 1)
+        self.assertEqual(count, 1)
+        self.assertTrue(0 < reset <= 60)
+        self.assertEqual((await counters.add("limit-count/route:r|addr=1.2.3.4", 60, 4))[0], 5)
+        self.assertEqual((await counters.peek("limit-count/route:r|addr=1.2.3.4", 60))[0], 5)
+        self.assertEqual((await counters.peek("limit-count/route:r|addr=9.9.9.9", 60))[0], 0)
+        ttl = int(self.server.command("PTTL", "openaigw:limit-count/route:r|addr=1.2.3.4:60")[1:-2])
+        self.assertTrue(0 < ttl <= 61000)  # expires with its window
+        self.assertEqual(self.server.command("EXISTS", "openaigw:limit-count/route:r|addr=9.9.9.9:60"), b":0\r\n")
+        count, reset = await counters.add("k", 1, 1)  # a 1 s window: the next one starts afresh
+        await sleep(reset + 0.05)
+        self.assertEqual((await counters.add("k", 1, 1))[0], 1)
+
+    def test_window_counters(self) -> Any:
+        """Counts add up within a window, keys expire with it, peeks write nothing."""
+        return Deferred.fromCoroutine(self._windows())
+
+    async def _buckets(self) -> None:
+        buckets = RedisLeakyBuckets(self.client, reactor)
+        verifyObject(ILeakyBuckets, buckets)
+        taken = [await buckets.take("limit-req/route:r", 5, 2) for _ in range(3)]
+        self.assertEqual([t[0] for t in taken], [True, True, True])
+        self.assertLess(abs(taken[0][1] - 0.0), 0.02)
+        self.assertLess(abs(taken[2][1] - 0.4), 0.1)
+        admitted, retry_after = await buckets.take("limit-req/route:r", 5, 2)
+        self.assertFalse(admitted)
+        self.assertLess(abs(retry_after - 0.2), 0.1)
+        await sleep(1.0)  # drained (and expired)
+        self.assertEqual((await buckets.take("limit-req/route:r", 5, 2))[0], True)
+
+    def test_leaky_buckets(self) -> Any:
+        """rate 5/s burst 2 as the memory store: delays of 0, 0.2, 0.4 s, then rejection."""
+        return Deferred.fromCoroutine(self._buckets())
+
+    async def _slots(self) -> None:
+        one, other = RedisConcurrency(self.client, reactor, lease=1.5), RedisConcurrency(self.client, reactor)
+        verifyObject(IConcurrency, one)
+        self.assertTrue(await one.acquire("limit-conn/route:r", 2))
+        self.assertTrue(await other.acquire("limit-conn/route:r", 2))
+        self.assertFalse(await one.acquire("limit-conn/route:r", 2))  # 2 across both gateways
+        await other.release("limit-conn/route:r")
+        self.assertTrue(await one.acquire("limit-conn/route:r", 2))
+        await sleep(2.0)  # past the lease: renewed while held
+        self.assertFalse(await other.acquire("limit-conn/route:r", 2))
+        self.server.command("DEL", "openaigw:limit-conn/route:r")  # as a restarted Redis
+        # the next renewal puts the slots back
+        await until(lambda: self.server.command("ZCARD", "openaigw:limit-conn/route:r") == b":2\r\n")
+        await one.release("limit-conn/route:r")
+        await one.release("limit-conn/route:r")
+        await one.release("limit-conn/route:r")  # more than held: nothing happens
+        self.assertEqual(len(one), 0)
+        self.assertEqual(self.server.command("EXISTS", "openaigw:limit-conn/route:r"), b":0\r\n")
+
+    def test_concurrency_leases(self) -> Any:
+        """Slots count across gateways, are renewed while held, come back after a flush."""
+        return Deferred.fromCoroutine(self._slots())
+
+    async def _dead_gateway(self) -> None:
+        dead = RedisConcurrency(self.client, reactor, lease=0.5)
+        self.assertTrue(await dead.acquire("limit-conn/route:r", 1))
+        dead._held.clear()  # the gateway "dies": nobody renews its slot
+        alive = RedisConcurrency(self.client, reactor)
+        self.assertFalse(await alive.acquire("limit-conn/route:r", 1))
+        await sleep(0.6)
+        self.assertTrue(await alive.acquire("limit-conn/route:r", 1))
+        await alive.release("limit-conn/route:r")
+
+    def test_dead_gateway_slots_expire(self) -> Any:
+        """Slots nobody renews are free again once their lease is over."""
+        return Deferred.fromCoroutine(self._dead_gateway())
+
+    async def _unavailable(self) -> None:
+        counters = RedisWindowCounters(self.client, reactor)
+        self.server.stop()
+        await until(lambda: not self.client.available)
+        with self.assertRaises(StateUnavailable):
+            await counters.add("k", 60, 1)
+        with self.assertRaises(StateUnavailable):
+            await RedisConcurrency(self.client, reactor).acquire("k", 1)
+        self.server.start()
+        await until(lambda: self.client.available)
+        self.assertEqual((await counters.add("k", 60, 1))[0], 1)  # a new Redis: scripts loaded again
+
+    def test_unavailable(self) -> Any:
+        """Redis gone: StateUnavailable at once; back: the scripts load and run again."""
+        return Deferred.fromCoroutine(self._unavailable())

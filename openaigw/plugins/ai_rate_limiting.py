@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from openaigw.config import PluginOptions
+from openaigw.errors import StateUnavailable
 from openaigw.exchange import Exchange
 from openaigw.interfaces import IPlugin, IRequestFilter
 from openaigw.plugins.limits import (
@@ -44,10 +45,13 @@ class TokenSettings:
 class TokenFilter(LimitFilter):
     plugin = "ai-rate-limiting"
 
-    def filter_request(self, exchange: Exchange) -> None:
+    async def filter_request(self, exchange: Exchange) -> None:
         s = self._settings
         key = self._key(exchange)
-        used, reset = self._store.peek(key, s.time_window)
+        try:
+            used, reset = await self._store.peek(key, s.time_window)
+        except StateUnavailable:
+            return self._unavailable()  # allowed: unlimited, and nothing to charge
         report(exchange, TOKEN_HEADERS, s.limit, max(0, s.limit - used), reset)
         if used >= s.limit:
             raise self._rejected("tokens", f"{s.limit} {s.strategy} per {s.time_window}s", reset, "tokens")
@@ -66,7 +70,10 @@ class TokenFilter(LimitFilter):
         tokens = usage.get(self._settings.strategy)
         if tokens <= 0:
             return
-        self._store.add(key, self._settings.time_window, tokens)
+        # Charged after the answer: gateways sharing a budget may overshoot it by what
+        # the requests they had already admitted use.  A store that cannot answer
+        # loses this charge (it says so in its own log).
+        self._store.add(key, self._settings.time_window, tokens).addErrback(lambda _: None)
         if usage.estimated:
             log.info(
                 "charged an estimate of {tokens} {strategy} ({scope}, consumer {consumer}):"
@@ -90,4 +97,4 @@ class AIRateLimiting:
         return TokenSettings(limit, window, strategy, parse_key(options))
 
     def create(self, settings: TokenSettings, runtime: Any, scope: str) -> TokenFilter:
-        return TokenFilter(settings, runtime.counters, scope)
+        return TokenFilter(settings, runtime.counters, scope, runtime)

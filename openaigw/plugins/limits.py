@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from openaigw.config import PluginOptions
-from openaigw.errors import GatewayError
+from openaigw.errors import GatewayError, StateUnavailable
 from openaigw.exchange import Exchange
 from openaigw.http_syntax import TOKEN
 from openaigw.interfaces import IPlugin, IRequestFilter
@@ -88,15 +88,17 @@ def required_number(options: PluginOptions, option: str, what: str, integer: boo
 
 
 class LimitFilter:
-    """What every limit's filter holds: its settings, its state store and its scope;
-    ``plugin`` (the plugin's name) keeps its counters apart from other limits'."""
+    """What every limit's filter holds: its settings, its state store, its scope and
+    the runtime's ``guard`` (what to do when the store cannot answer); ``plugin``
+    (the plugin's name) keeps its counters apart from other limits'."""
 
     plugin = ""
 
-    def __init__(self, settings: Any, store: Any, scope: str) -> None:
+    def __init__(self, settings: Any, store: Any, scope: str, runtime: Any) -> None:
         self._settings = settings
         self._store = store
         self._scope = scope
+        self._guard = runtime.guard
 
     def _key(self, exchange: Exchange) -> str:
         return str(self._settings.key.of(self.plugin, self._scope, exchange))
@@ -104,6 +106,10 @@ class LimitFilter:
     def _rejected(self, what: str, detail: str, retry_after: float, kind: str = "requests") -> GatewayError:
         """The 429 for this limit: "``what`` (``detail``, route NAME)"."""
         return too_many(kind, f"{what} ({detail}, {label(self._scope)})", retry_after, self.plugin)
+
+    def _unavailable(self) -> None:
+        """The store did not answer: raise the 503, or return to let the request pass."""
+        self._guard.unavailable(self.plugin)
 
 
 def report(exchange: Exchange, names: Tuple[bytes, bytes, bytes], limit: int, remaining: int,
@@ -144,9 +150,12 @@ class CountSettings:
 class CountFilter(LimitFilter):
     plugin = "limit-count"
 
-    def filter_request(self, exchange: Exchange) -> None:
+    async def filter_request(self, exchange: Exchange) -> None:
         limit, window = self._settings.count, self._settings.time_window
-        used, reset = self._store.add(self._key(exchange), window, 1)
+        try:
+            used, reset = await self._store.add(self._key(exchange), window, 1)
+        except StateUnavailable:
+            return self._unavailable()
         report(exchange, REQUEST_HEADERS, limit, max(0, limit - used), reset)
         if used > limit:
             raise self._rejected("requests", f"{limit} per {window}s", reset)
@@ -165,7 +174,7 @@ class LimitCount:
         return CountSettings(count, window, parse_key(options))
 
     def create(self, settings: CountSettings, runtime: Any, scope: str) -> CountFilter:
-        return CountFilter(settings, runtime.counters, scope)
+        return CountFilter(settings, runtime.counters, scope, runtime)
 
 
 @dataclass(frozen=True)
@@ -181,17 +190,19 @@ class ReqFilter(LimitFilter):
     plugin = "limit-req"
 
     def __init__(self, settings: ReqSettings, runtime: Any, scope: str) -> None:
-        super().__init__(settings, runtime.buckets, scope)
+        super().__init__(settings, runtime.buckets, scope, runtime)
         self._clock = runtime.clock
 
-    def filter_request(self, exchange: Exchange) -> Optional[Any]:
+    async def filter_request(self, exchange: Exchange) -> None:
         s = self._settings
-        admitted, seconds = self._store.take(self._key(exchange), s.rate, s.burst)
+        try:
+            admitted, seconds = await self._store.take(self._key(exchange), s.rate, s.burst)
+        except StateUnavailable:
+            return self._unavailable()
         if not admitted:
             raise self._rejected("requests", f"{s.rate:g}/s, burst {s.burst:g}", seconds)
         if seconds > 0 and not s.nodelay:
-            return deferLater(self._clock, seconds, lambda: None)  # cancelled if the client leaves
-        return None
+            await deferLater(self._clock, seconds, lambda: None)  # cancelled if the client leaves
 
 
 @implementer(IPlugin)
@@ -221,9 +232,13 @@ class ConnSettings:
 class ConnFilter(LimitFilter):
     plugin = "limit-conn"
 
-    def filter_request(self, exchange: Exchange) -> None:
+    async def filter_request(self, exchange: Exchange) -> None:
         key = self._key(exchange)
-        if not self._store.acquire(key, self._settings.conn):
+        try:
+            acquired = await self._store.acquire(key, self._settings.conn)
+        except StateUnavailable:
+            return self._unavailable()
+        if not acquired:
             raise self._rejected("concurrent requests", str(self._settings.conn), 1)
         exchange.on_complete(lambda _: self._store.release(key))
 
@@ -239,4 +254,4 @@ class LimitConn:
         return ConnSettings(required_number(options, "conn", "concurrent requests"), parse_key(options))
 
     def create(self, settings: ConnSettings, runtime: Any, scope: str) -> ConnFilter:
-        return ConnFilter(settings, runtime.concurrency, scope)
+        return ConnFilter(settings, runtime.concurrency, scope, runtime)
