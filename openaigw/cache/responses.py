@@ -107,11 +107,10 @@ def stream_finished(chunks: List[bytes]) -> Optional[List[bytes]]:
 
 
 class CachedRequest:
-    """The cache's part in one exchange: its key, and how it was answered.
-
-    ``status`` is what ``X-Cache-Status`` says (``hit``, ``miss``, ``coalesced``;
-    ``bypass`` when the lookup was skipped), also in the access record, with the
-    tokens a hit or a coalesced answer did not cost.
+    """The cache's part in one exchange: its key, whether to look it up, and how it
+    was answered: ``X-Cache-Status`` (``HIT``, ``MISS``, ``COALESCED``; ``BYPASS``
+    when the lookup was skipped), also in the access record, with the tokens a hit or
+    a coalesced answer did not cost.
     """
 
     def __init__(self, responses: ResponseCache, settings: Any, key: str, lookup: bool = True) -> None:
@@ -119,11 +118,9 @@ class CachedRequest:
         self._settings = settings
         self.key = key
         self.lookup = lookup
-        self.status = "miss" if lookup else "bypass"
 
     def _say(self, exchange: Exchange, status: str) -> None:
         """Answer with ``X-Cache-Status: status`` (and note it in the access record)."""
-        self.status = status
         exchange.response_headers[STATUS] = status.upper().encode("ascii")
         exchange.context.record.cache = status
 
