@@ -125,3 +125,29 @@ class IObjectStore(Interface):
 
     def delete(kind, id):  # type: ignore[no-untyped-def]
         """Forget an object; return a Deferred that fires once that is durable."""
+
+    def replace(objects):  # type: ignore[no-untyped-def]
+        """Keep exactly ``objects``; return a Deferred that fires once that is durable."""
+
+
+class ISharedObjectStore(IObjectStore):
+    """An object store several gateways share: changes may come from the others.
+
+    ``put``, ``delete`` and ``replace`` fail with a ``StoreError`` (409) when another
+    gateway changed the objects since this one last saw them.
+    """
+
+    def start(sync):  # type: ignore[no-untyped-def]
+        """Call ``sync()`` (which returns a Deferred) now and then, until ``stop``."""
+
+    def stop():  # type: ignore[no-untyped-def]
+        """Stop calling ``sync``."""
+
+    def fetch():  # type: ignore[no-untyped-def]
+        """A coroutine: ``(objects, revision)`` newer than those last seen, or None."""
+
+    def accept(objects, revision):  # type: ignore[no-untyped-def]
+        """A coroutine: ``objects`` (of ``revision``) are served now."""
+
+    def refuse(revision, why):  # type: ignore[no-untyped-def]
+        """Revision ``revision`` cannot be served here (``why`` is logged once)."""

@@ -94,7 +94,7 @@ class GatewayService(Service):
         self.status_site = StatusSite(status_resource(self, self.telemetry.metrics))
         self.admin_site = None
         if catalog is not None:
-            catalog.attach(self.prepare, reactor)
+            catalog.attach(self.prepare, reactor, self._runtime.redis)  # shared with state = redis://
             self.admin_site = admin.make_site(catalog, reactor, self.telemetry)
         self.ready = False
         self._ports: Dict[Tuple[str, str], Any] = {}
@@ -166,6 +166,8 @@ class GatewayService(Service):
         super().startService()
         if self._runtime.redis is not None:
             self._runtime.redis.start()
+        if self.catalog is not None:
+            self.catalog.start()
         signal.signal(signal.SIGHUP, self._signal)
         # After twistd's own handlers are in place: a SIGTERM stop is a clean exit (0),
         # not a re-raised signal.
@@ -258,6 +260,8 @@ class GatewayService(Service):
         await self.site.drain(timeout)
         await self._close_ports(list(self._ports))
         await DeferredList([upstream.close() for upstream in self._upstreams.values()])
+        if self.catalog is not None:
+            self.catalog.stop()
         if self._runtime.redis is not None:
             await self._runtime.redis.close()
         if self.telemetry.access_log is not None:

@@ -243,3 +243,64 @@ def test_corrupt_state_stops_start_up(tmp_path):
     assert "gateway exited with 78" in message
     assert f"{gateway.state}: the Admin API state is corrupt (not JSON" in message
     assert gateway.state.read_text() == '{"version": 1, "routes": {'
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def answers(gateway: Gateway) -> bool:
+    try:
+        return bool(gateway.sdk().chat.completions.create(model="m", messages=MESSAGES).choices)
+    except openai.NotFoundError:
+        return False
+
+
+def test_shared_through_redis(pki, fake_node, tmp_path):
+    """With state = redis://: a change made on one gateway is served by another within
+    a second; during a Redis outage both keep serving (and a restarted one serves its
+    last good copy) while changes are refused with 503."""
+    import shutil
+
+    from openaigw.testing import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make test installs it)")
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis", "redis-canary-pw-31").start()
+    gateways = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            gateway = Gateway(tmp_path / name, keyed=True)
+            gateway.config += f"state = {redis.url}\n"
+            gateways.append(gateway.start())
+        a, b = gateways
+        route = {"uri": "/v1/chat/completions",
+                 "upstream": {"nodes": {f"127.0.0.1:{fake_node}": 1}, "ca_file": pki.ca}}
+        wait_for(lambda: "this gateway's objects are now the shared ones" in a.log() + b.log())
+        wait_for(lambda: a.admin("PUT", "routes/chat", route)[0] == 201)
+        started = time.monotonic()
+        wait_for(lambda: answers(b))
+        assert time.monotonic() - started < 3  # twice a second, on a loaded machine
+        assert b.admin("GET", "routes/chat")[0] == 200
+        assert b.admin("DELETE", "routes/chat")[0] == 200
+        wait_for(lambda: not answers(a))
+        assert b.admin("PUT", "routes/chat", route)[0] == 201
+        wait_for(lambda: answers(a))
+        redis.stop()
+        assert answers(a) and answers(b)
+        code, body = a.admin("PUT", "routes/other", {**route, "uri": "/v1/other"})
+        assert code == 503 and "nothing changed" in body["error_msg"]
+        b.stop()
+        b.start()  # Redis still down: the last good copy
+        assert answers(b)
+        for gateway in gateways:
+            assert "redis-canary-pw-31" not in gateway.log()
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+        redis.stop()

@@ -14,9 +14,9 @@ from twisted.logger import Logger
 from openaigw import config as configuration
 from openaigw.admin import schema
 from openaigw.admin.schema import AdminError
-from openaigw.admin.store import KINDS, Objects
+from openaigw.admin.store import KINDS, Objects, StoreError
 from openaigw.config import Config, ConfigError, ConsumerConfig, Section, UpstreamConfig
-from openaigw.interfaces import IObjectStore
+from openaigw.interfaces import IObjectStore, ISharedObjectStore
 
 log = Logger()
 SINGULAR = {"routes": "route", "upstreams": "upstream", "consumers": "consumer"}
@@ -122,11 +122,49 @@ class Catalog:
         self._prepare: Optional[Prepare] = None
         self._clock: Any = None
 
-    def attach(self, prepare: Prepare, clock: Any) -> None:
+    def attach(self, prepare: Prepare, clock: Any, redis: Any = None) -> None:
         """``prepare(config)`` builds what serves ``config`` and returns the function
-        that swaps it in; ``clock`` dates the changes."""
+        that swaps it in; ``clock`` dates the changes.  With ``redis`` (a RedisClient)
+        the objects are shared through it, the store keeping the last good copy."""
         self._prepare = prepare
         self._clock = clock
+        if redis is not None:
+            from openaigw.admin.shared import RedisStore
+
+            self._store = RedisStore(redis, self._store, self._objects, clock)
+
+    def start(self) -> None:
+        """Follow the changes other gateways make (with a shared store)."""
+        if ISharedObjectStore.providedBy(self._store):
+            self._store.start(lambda: Deferred.fromCoroutine(self._sync()))
+
+    def stop(self) -> None:
+        if ISharedObjectStore.providedBy(self._store):
+            self._store.stop()
+
+    async def _sync(self) -> None:
+        """Serve the shared objects if they changed (and fit gw.ini)."""
+        await self._lock.acquire()
+        try:
+            store = self._store
+            update = await store.fetch()
+            if update is None:
+                return
+            objects, revision = update
+            if objects != self._objects:
+                try:
+                    config = combine(self.file, objects, self._environ)
+                    commit = self._prepare(config)
+                except AdminError as e:
+                    where = f"{SINGULAR[e.kind]} [{e.id}]: " if isinstance(e, ObjectError) else ""
+                    store.refuse(revision, where + e.message)
+                    return
+                self._objects, self.config = objects, config
+                commit()
+                log.info("Admin API: serving revision {revision} of the shared objects", revision=revision)
+            await store.accept(objects, revision)
+        finally:
+            self._lock.release()
 
     @property
     def admin_key(self) -> Optional[str]:
@@ -197,9 +235,9 @@ class Catalog:
                     await self._store.delete(kind, id)
                 else:
                     await self._store.put(kind, id, value)
-            except OSError as e:
-                log.error("Admin API: cannot keep a change: {error}", error=str(e))
-                raise AdminError(503, f"the change could not be saved ({e.strerror}); nothing changed") from None
+            except StoreError as e:
+                log.error("Admin API: cannot keep a change: {error}", error=e.message)
+                raise AdminError(e.status, f"the change could not be saved ({e.message}); nothing changed") from None
             self._objects, self.config = objects, config
             commit()
         finally:

@@ -23,6 +23,15 @@ class StateError(ConfigError):
     """The kept objects cannot be read: start-up stops, and nothing overwrites them."""
 
 
+class StoreError(Exception):
+    """A change could not be kept (``status``: 503 unavailable, 409 changed meanwhile)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 def empty() -> Objects:
     return {kind: {} for kind in KINDS}
 
@@ -43,6 +52,10 @@ class MemoryStore:
 
     def delete(self, kind: str, id: str) -> "Deferred[None]":
         self._objects[kind].pop(id, None)
+        return succeed(None)
+
+    def replace(self, objects: Objects) -> "Deferred[None]":
+        self._objects = copy.deepcopy(objects)
         return succeed(None)
 
 
@@ -81,11 +94,14 @@ class FileStore:
         objects[kind].pop(id, None)
         return self._save(objects)
 
+    def replace(self, objects: Objects) -> "Deferred[None]":
+        return self._save(copy.deepcopy(objects))
+
     def _save(self, objects: Objects) -> "Deferred[None]":
         try:
             write_atomically(self.path, encode(objects))
         except OSError as e:
-            return fail(OSError(e.errno, f"cannot write {self.path}: {e.strerror}"))
+            return fail(StoreError(503, f"cannot write {self.path}: {e.strerror}"))
         self._objects = objects
         return succeed(None)
 
