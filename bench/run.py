@@ -35,7 +35,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 
 import loadgen  # noqa: E402
-from openaigw.testing import free_port, start_gateway, stop_process  # noqa: E402
+from openaigw.testing import RedisServer, free_port, start_gateway, stop_process  # noqa: E402
 
 TARGETS = ("direct", "nginx", "twisted-rpr", "openaigw")
 # The cost of features, throughput only: the gateway bare (no access log, no metrics),
@@ -46,6 +46,9 @@ FEATURE_TARGETS = ("openaigw-bare", "openaigw", "openaigw-full")
 # request proxied, and identical streams coalesced into one upstream call.
 CACHE_TARGETS = ("openaigw", "openaigw-cache")
 CACHE_STREAMS = 50
+# The cost of shared state: the seed route with a limit-count kept in this process's
+# memory, and in Redis (redis-server on the load core).
+STATE_TARGETS = ("limit-memory", "limit-redis")
 CLIENT_KEY = "sk-bench-client-key-0001"
 PROXY_CORE, LOAD_CORE = 0, 1
 # Several upstream workers (sharing LOAD_CORE): nginx timers set in one event-loop
@@ -436,6 +439,56 @@ class Bench:
         return result
 
 
+# --- shared state -------------------------------------------------------------------
+
+def state_ini(gw_port: int, upstream_port: int, redis_url: str = "") -> str:
+    """The seed gw.ini with a limit-count on the chat route (never reached), its state
+    in memory or, given ``redis_url``, in Redis."""
+    ini = gateway_ini(gw_port, upstream_port)
+    if redis_url:
+        ini = ini.replace("[gateway]\n", f"[gateway]\nstate = {redis_url}\n", 1)
+    return ini.replace("upstream = bench\nproxy-rewrite", "upstream = bench\n"
+                       "limit-count.count = 1000000000\nlimit-count.time_window = 3600\n"
+                       "proxy-rewrite", 1)
+
+
+def start_state_targets(bench: Bench) -> None:
+    """redis-server (pinned to the load core) and one gateway per STATE_TARGETS."""
+    directory = os.path.join(bench.tmp, "redis")
+    os.mkdir(directory)
+    redis = RedisServer(directory).start()
+    bench.procs.append(redis.proc)  # type: ignore[arg-type]
+    pin_pid(redis.proc.pid, LOAD_CORE)  # type: ignore[union-attr]
+    env = dict(os.environ, OPENAI_API_KEY="sk-bench")
+    for target, url in zip(STATE_TARGETS, ("", redis.url)):
+        gw = bench.ports[target] = free_port()
+        directory = os.path.join(bench.tmp, target)
+        os.mkdir(directory)
+        gateway = start_gateway(directory, state_ini(gw, bench.ports["direct"], url), gw, env=env)
+        bench.procs.append(gateway)
+        pin_pid(gateway.pid, PROXY_CORE)
+        bench.pids[target] = gateway.pid
+        result = run_wrk(gw, 1, bench.plan.wrk_connections, bench.lua)  # warm up, and check
+        if result["errors"]:
+            raise RuntimeError(f"{target} on port {gw} answers errors: {result}")
+
+
+def state_table(bench: Bench) -> str:
+    """req/s and CPU per request with the limit's state in memory and in Redis; "vs
+    memory" is the median of each round's ratio (the two run back to back)."""
+    rows = [["limit-count, wrk c=%d" % bench.plan.wrk_connections, "req/s", "CPU us/req",
+             "CPU vs memory (per round)"]]
+    memory = bench.raw.get("state.cpu_us_per_req", {}).get("limit-memory", [])
+    for target in STATE_TARGETS:
+        rounds = bench.raw.get("state.cpu_us_per_req", {}).get(target, [])
+        ratios = [r / m for r, m in zip(rounds, memory) if m]
+        rows.append([target, fmt(summary(bench, "state.rps", target)),
+                     fmt(summary(bench, "state.cpu_us_per_req", target)),
+                     fmt(statistics.median(ratios) if ratios else float("nan"), 2)
+                     + " (" + " ".join(fmt(r, 2) for r in ratios) + ")"])
+    return layout(rows)
+
+
 # --- report ---------------------------------------------------------------------------
 
 def summary(bench: Bench, metric: str, target: str, peak: bool = False) -> float:
@@ -551,6 +604,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round (< 1 minute)")
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers here")
+    parser.add_argument("--only", choices=("state",), help="run this workload only")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
@@ -572,13 +626,16 @@ def main() -> None:
         print(f"upstream :{bench.ports['direct']}  nginx proxy :{bench.ports['nginx']}  "
               f"twisted-rpr :{bench.ports['twisted-rpr']}  openaigw :{bench.ports['openaigw']}",
               flush=True)
-        bench.rounds("tput", bench.throughput)
-        bench.rounds("rate", bench.fixed_rate)
-        bench.rounds("fast", bench.fast_streams)
-        bench.rounds("slow", bench.slow_streams)
-        bench.rounds("feat", bench.throughput, FEATURE_TARGETS, plan.feature_rounds)
-        bench.rounds("hitcpu", bench.throughput, CACHE_TARGETS)
-        bench.rounds("cstream", bench.cache_streams, CACHE_TARGETS[1:])
+        if args.only is None:
+            bench.rounds("tput", bench.throughput)
+            bench.rounds("rate", bench.fixed_rate)
+            bench.rounds("fast", bench.fast_streams)
+            bench.rounds("slow", bench.slow_streams)
+            bench.rounds("feat", bench.throughput, FEATURE_TARGETS, plan.feature_rounds)
+            bench.rounds("hitcpu", bench.throughput, CACHE_TARGETS)
+            bench.rounds("cstream", bench.cache_streams, CACHE_TARGETS[1:])
+        start_state_targets(bench)
+        bench.rounds("state", bench.throughput, STATE_TARGETS, plan.feature_rounds)
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted; logs kept in {tmp}")
     except BaseException:
@@ -587,11 +644,13 @@ def main() -> None:
     finally:
         bench.stop()
     text, medians = table(bench)
-    print(f"\nmedians of {plan.rounds} round(s); +X = X - direct; "
-          f"total {time.monotonic() - started:.0f}s\n")
-    print(text)
-    print("\n" + features_table(bench))
-    print("\n" + cache_table(bench))
+    if args.only is None:
+        print(f"\nmedians of {plan.rounds} round(s); +X = X - direct; "
+              f"total {time.monotonic() - started:.0f}s\n")
+        print(text)
+        print("\n" + features_table(bench))
+        print("\n" + cache_table(bench))
+    print("\n" + state_table(bench))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"plan": dataclasses.asdict(plan), "median": medians,
