@@ -60,6 +60,7 @@ class GatewayConfig:
     state: Optional["RedisAddress"] = None  # None: each process's memory
     state_timeout: float = 0.25
     state_unavailable: str = "reject"  # or "allow"
+    state_ca_file: Optional[str] = None  # for rediss://; else the system trust store
     admin: Tuple[str, ...] = ()  # the Admin API listener(s)
     admin_key: Optional[str] = field(default=None, repr=False)
     admin_state: Optional[str] = None
@@ -339,7 +340,7 @@ def _gateway(section: Section) -> GatewayConfig:
         (
             "listen", "max_body_size", "access_log", "access_log_format", "status",
             "metrics_max_models", "shutdown_timeout",
-            "state", "state_timeout", "state_unavailable",
+            "state", "state_timeout", "state_unavailable", "state_ca_file",
             "admin", "admin_key", "admin_state",
         ),
     )
@@ -355,6 +356,7 @@ def _gateway(section: Section) -> GatewayConfig:
     for description in admin:
         _check_endpoint(section, "admin", description)
     admin_key, admin_state = _admin(section, admin)
+    state = _state(section)
     access_log: Optional[str] = (section.get("access_log") or "-").strip()
     if access_log == "off":
         access_log = None
@@ -371,7 +373,8 @@ def _gateway(section: Section) -> GatewayConfig:
         status=status,
         metrics_max_models=section.number("metrics_max_models", 50, integer=True),
         shutdown_timeout=section.number("shutdown_timeout", 30.0),
-        state=_state(section),
+        state=state,
+        state_ca_file=_state_ca_file(section, state),
         state_timeout=_positive(section, "state_timeout", 0.25),
         state_unavailable=section.choice("state_unavailable", "reject", ("reject", "allow")),
         admin=admin,
@@ -402,6 +405,16 @@ def _state(section: Section) -> Optional["RedisAddress"]:
     except ValueError as e:
         raise section.error("state", str(e)) from None
 
+
+
+def _state_ca_file(section: Section, state: Optional["RedisAddress"]) -> Optional[str]:
+    path = section.get("state_ca_file")
+    if path is None:
+        return None
+    if state is None or state.scheme != "rediss":
+        raise section.error("state_ca_file", "only applies to state = rediss://...")
+    _check_ca_file(section, path.strip(), "state_ca_file")
+    return os.path.abspath(path.strip())
 
 
 def _admin(section: Section, admin: Tuple[str, ...]) -> Tuple[Optional[str], Optional[str]]:
@@ -513,17 +526,17 @@ def _upstream(section: Section) -> UpstreamConfig:
     )
 
 
-def _check_ca_file(section: Section, path: str) -> None:
+def _check_ca_file(section: Section, path: str, key: str = "ca_file") -> None:
     from twisted.internet.ssl import Certificate
 
-    shown = section.written("ca_file", path)
+    shown = section.written(key, path)
     try:
         with open(path, "rb") as f:
             Certificate.loadPEM(f.read())
     except OSError as e:
-        raise section.error("ca_file", f"cannot read {shown!r}: {e.strerror}") from None
+        raise section.error(key, f"cannot read {shown!r}: {e.strerror}") from None
     except Exception:
-        raise section.error("ca_file", f"{shown!r} holds no PEM certificate") from None
+        raise section.error(key, f"{shown!r} holds no PEM certificate") from None
 
 
 def _plugins(

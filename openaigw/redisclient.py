@@ -301,6 +301,8 @@ class RedisClient:
         if a.scheme == "rediss":
             from twisted.internet.ssl import optionsForClientTLS
 
+            # Verified: the host's name (or address) against the system trust store,
+            # unless the caller gives its own options (a CA of its own).
             endpoint = wrapClientTLS(self._tls_options or optionsForClientTLS(a.host), endpoint)
         return endpoint
 

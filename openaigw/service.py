@@ -199,7 +199,7 @@ class GatewayService(Service):
         if state_changed(self.config.gateway, config.gateway):
             log.error(
                 "reload refused, still serving the previous configuration: {path}: [gateway]"
-                " state, state_timeout and state_unavailable change only at a restart",
+                " state, state_timeout, state_unavailable and state_ca_file change only at a restart",
                 path=config.path,
             )
             return

@@ -20,7 +20,7 @@ def build_runtime(gateway: GatewayConfig, reactor: Any, telemetry: Optional[Any]
     runtime = Runtime.memory(reactor)
     runtime.guard = StateGuard(gateway.state_unavailable, telemetry)
     if gateway.state is not None:
-        client = RedisClient(reactor, gateway.state, gateway.state_timeout)
+        client = RedisClient(reactor, gateway.state, gateway.state_timeout, tls_options(gateway))
         runtime.redis = client
         runtime.responses = ResponseCache(RedisCacheStore(client), reactor)
         runtime.counters = RedisWindowCounters(client, reactor)
@@ -29,11 +29,24 @@ def build_runtime(gateway: GatewayConfig, reactor: Any, telemetry: Optional[Any]
     return runtime
 
 
+def tls_options(gateway: GatewayConfig) -> Any:
+    """How rediss:// verifies Redis: its name, against ``state_ca_file`` or the
+    system trust store (None: not TLS)."""
+    if gateway.state is None or gateway.state.scheme != "rediss":
+        return None
+    from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+
+    trust = platformTrust()
+    if gateway.state_ca_file:
+        with open(gateway.state_ca_file, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+    return optionsForClientTLS(gateway.state.host, trust)
+
+
 def state_changed(old: GatewayConfig, new: GatewayConfig) -> bool:
     """Whether a reload asks for another state: that takes a restart."""
-    return (old.state, old.state_timeout, old.state_unavailable) != (
-        new.state, new.state_timeout, new.state_unavailable
-    )
+    keys = ("state", "state_timeout", "state_unavailable", "state_ca_file")
+    return any(getattr(old, key) != getattr(new, key) for key in keys)
 
 
 def degraded(runtime: Runtime) -> Optional[str]:

@@ -509,7 +509,7 @@ class RedisServer:
         self.directory = os.fspath(directory)
         self.password = password
         self.port = free_port()
-        self.extra = ""  # more redis.conf lines
+        self.extra = ""  # more redis.conf lines (tls-port, unixsocket, ...)
         self.proc: "Optional[subprocess.Popen[bytes]]" = None
 
     @property

@@ -18,7 +18,9 @@ from openaigw.errors import StateUnavailable
 from openaigw.interfaces import IConcurrency, ILeakyBuckets, IWindowCounters
 from openaigw.redis_counters import RedisConcurrency, RedisLeakyBuckets, RedisWindowCounters
 from openaigw.redisclient import RedisClient, RedisError, RedisUnavailable, Script, parse_url
-from openaigw.testing import RedisServer
+from openaigw.config import parse
+from openaigw.state import build_runtime
+from openaigw.testing import RedisServer, free_port, make_test_ca
 
 CANARY = "canary-redis-pw-5e21"
 
@@ -44,11 +46,17 @@ class RedisTestCase(unittest.TestCase):
     def setUp(self) -> Any:
         if shutil.which("redis-server") is None:
             raise unittest.SkipTest("redis-server is not installed (make test installs it)")
-        self.server = RedisServer(tempfile.mkdtemp(prefix="openaigw-redis-"), self.password).start()
+        self.server = RedisServer(tempfile.mkdtemp(prefix="openaigw-redis-"), self.password)
+        self.server.extra = self.redis_conf()
+        self.server.start()
         self.addCleanup(self.server.stop)
         self.addCleanup(shutil.rmtree, self.server.directory, True)
         self.client = self.connect(self.server.url.replace("/0", f"/{self.db}"))
         return Deferred.fromCoroutine(until(lambda: self.client.available))
+
+    def redis_conf(self) -> str:
+        """More redis.conf lines."""
+        return ""
 
     def connect(self, url: str, timeout: float = 0.25) -> RedisClient:
         client = RedisClient(reactor, parse_url(url), timeout)
@@ -121,14 +129,12 @@ class ClientTests(RedisTestCase):
 class UnixSocketTests(RedisTestCase):
     password = None
 
+    def redis_conf(self) -> str:
+        self.path = f"{self.server.directory}/redis.sock"
+        return f"unixsocket {self.path}\n"
+
     async def _unix(self) -> None:
-        self.server.stop()
-        path = f"{self.server.directory}/redis.sock"
-        with open(f"{self.server.directory}/extra.conf", "w") as f:
-            f.write(f"unixsocket {path}\n")
-        self.server.extra = f"include {self.server.directory}/extra.conf\n"
-        self.server.start()
-        client = self.connect(f"unix://{path}?db=1")
+        client = self.connect(f"unix://{self.path}?db=1")
         await until(lambda: client.available)
         self.assertEqual(await client.execute("SET", "k", "v"), b"OK")
         self.assertEqual(self.server.command("EXISTS", "k"), b":0\r\n")  # db 0
@@ -233,3 +239,47 @@ class StoreTests(RedisTestCase):
     def test_unavailable(self) -> Any:
         """Redis gone: StateUnavailable at once; back: the scripts load and run again."""
         return Deferred.fromCoroutine(self._unavailable())
+
+
+class TLSTests(RedisTestCase):
+    """rediss://: verified TLS to redis-server's tls-port."""
+
+    password = CANARY
+    db = 0
+
+    def redis_conf(self) -> str:
+        self.pki = make_test_ca(tempfile.mkdtemp(prefix="openaigw-pki-"))
+        self.addCleanup(shutil.rmtree, self.pki.directory, True)
+        self.tls_port = free_port()
+        return (f"tls-port {self.tls_port}\ntls-cert-file {self.pki.server_cert}\n"
+                f"tls-key-file {self.pki.server_key}\ntls-ca-cert-file {self.pki.ca}\n"
+                "tls-auth-clients no\n")
+
+    def gateway(self, lines: str) -> Any:
+        text = (f"[gateway]\nstate = rediss://:{CANARY}@127.0.0.1:{self.tls_port}/0\n{lines}\n"
+                "[upstream:u]\nscheme = http\nnodes = 10.0.0.1:80\n[route:r]\nuri = /\nupstream = u\n")
+        runtime = build_runtime(parse(text, "gw.ini", {}).gateway, reactor)
+        runtime.redis.start()
+        self.addCleanup(runtime.redis.close)
+        return runtime.redis
+
+    async def _verified(self) -> None:
+        client = self.gateway(f"state_ca_file = {self.pki.ca}")
+        await until(lambda: client.available)
+        self.assertEqual(await client.execute("SET", "over-tls", "yes"), b"OK")
+        self.assertEqual(self.server.command("GET", "over-tls"), b"$3\r\nyes\r\n")
+
+    def test_verified(self) -> Any:
+        """With state_ca_file naming the CA that signed redis-server's certificate: connected."""
+        return Deferred.fromCoroutine(self._verified())
+
+    async def _unverified(self) -> None:
+        client = self.gateway("")  # the system trust store does not know the test CA
+        await sleep(0.5)
+        self.assertFalse(client.available)
+        with self.assertRaises(RedisUnavailable):
+            await client.execute("PING")
+
+    def test_unverified_certificate_refused(self) -> Any:
+        """A certificate the trust store does not vouch for: never connected."""
+        return Deferred.fromCoroutine(self._unverified())

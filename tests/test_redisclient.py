@@ -359,3 +359,44 @@ def test_close_stops_reconnecting():
     attempts = len(reactor.tcpClients)
     reactor.advance(10)
     assert len(reactor.tcpClients) == attempts
+
+
+def test_state_ca_file_only_with_rediss(tmp_path):
+    """state_ca_file applies to rediss:// only, and must hold a PEM certificate."""
+    with pytest.raises(ConfigError) as caught:
+        parse(GATEWAY.format(lines="state = redis://127.0.0.1/0\nstate_ca_file = /etc/hostname"), "gw.ini", {})
+    assert "[gateway] state_ca_file: only applies to state = rediss://" in str(caught.value)
+    (tmp_path / "not.pem").write_text("nope")
+    with pytest.raises(ConfigError) as caught:
+        parse(GATEWAY.format(lines=f"state = rediss://h/0\nstate_ca_file = {tmp_path}/not.pem"), "gw.ini", {})
+    assert "holds no PEM certificate" in str(caught.value)
+
+
+def test_outage_logged_once():
+    """However many commands fail during an outage, it is logged once when it starts
+    and once when it ends."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    events: List[dict] = []
+    observer = events.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        redis, server, reactor, _ = client()
+        server.accept()
+        server.sent()
+        server.reply(b"+PONG\r\n")
+        server.drop()
+        for _ in range(50):
+            results([redis.execute("GET", "k")])
+        for _ in range(5):  # attempts refused, with the back-off
+            reactor.advance(2)
+            server.refuse()
+        reactor.advance(2)
+        server.accept()
+        server.sent()
+        server.reply(b"+PONG\r\n")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    ours = [e for e in events if e.get("log_namespace") == "openaigw.redisclient"]
+    assert [e["log_level"] for e in ours] == [LogLevel.info, LogLevel.warn, LogLevel.info]
+    assert "is available again" in ours[-1]["log_format"]
