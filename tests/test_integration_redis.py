@@ -226,8 +226,8 @@ def test_redis_outage_and_return(cluster):
         metrics.getresponse().read().decode())
     metrics.close()
     redis.start()  # empty: counts start again, scripts must be loaded again
+    for gateway in (cluster["a"], cluster["b"]):  # both reconnected (back-off up to 2 s)
+        wait_for(lambda: readyz(gateway) == (200, "ok\n"), timeout=10)
     wait_for(lambda: chat(cluster["a"], key)[0] == 200, timeout=10)
     statuses = [chat(cluster["ab"[i % 2]], key)[0] for i in range(4)]
     assert statuses[-1] == 429 and statuses.count(200) <= 2
-    for gateway in (cluster["a"], cluster["b"]):
-        assert readyz(gateway) == (200, "ok\n")
