@@ -35,19 +35,25 @@ log = Logger()
 
 
 def build_routes(
-    config: Config, reactor: Any, runtime: Runtime, telemetry: Telemetry
+    config: Config, reactor: Any, runtime: Runtime, telemetry: Telemetry,
+    running: Optional[Dict[str, Upstream]] = None,
 ) -> Tuple[IResource, Dict[str, Upstream]]:
     """The root resource serving ``config``'s routes, and the upstreams it calls.
 
     ``runtime.keyring`` is filled with ``config``'s consumers; the response cache's
-    store is sized for its routes.
+    store is sized for its routes.  Upstreams in ``running`` whose configuration is
+    unchanged are kept (with their pooled connections) instead of made anew.
     """
     runtime.responses.size_for(config)
     for consumer in config.consumers:
         scope = f"consumer:{consumer.name}"
         filters = tuple(REGISTRY[p.name].create(p.settings, runtime, scope) for p in consumer.plugins)
         runtime.keyring.add(consumer.key_digest, Consumer(consumer.name, filters))
-    upstreams = {name: Upstream(reactor, u, telemetry) for name, u in config.upstreams.items()}
+    running = running or {}
+    upstreams = {
+        name: running[name] if name in running and running[name].config == u else Upstream(reactor, u, telemetry)
+        for name, u in config.upstreams.items()
+    }
     routes = []
     for route in config.routes:
         scope = f"route:{route.name}"
@@ -219,11 +225,13 @@ class GatewayService(Service):
         log.info("configuration reloaded from {path}: {routes} route(s)", path=config.path,
                  routes=len(config.routes))
 
-    def prepare(self, config: Config) -> Callable[[], None]:
+    def prepare(self, config: Config, keep_upstreams: bool = False) -> Callable[[], None]:
         """Build what serves ``config``; return the function that swaps it in (for a
-        reload, or a change through the Admin API)."""
+        reload, or a change through the Admin API, which keeps unchanged upstreams and
+        their connections; a reload makes all anew, re-reading CA files)."""
         runtime = dataclasses.replace(self._runtime, keyring=KeyRing())  # the same shared state
-        root, upstreams = build_routes(config, self._reactor, runtime, self.telemetry)
+        running = self._upstreams if keep_upstreams else None
+        root, upstreams = build_routes(config, self._reactor, runtime, self.telemetry, running)
         self._configure_telemetry(config)
 
         def commit() -> None:
@@ -238,8 +246,9 @@ class GatewayService(Service):
             _, failures = self._listen(wanted)
             for failure in failures:
                 log.error("reload: cannot listen: {error}", error=failure.getErrorMessage())
-            for upstream in old_upstreams.values():
-                upstream.close()  # idle connections; busy ones finish their request
+            for name, upstream in old_upstreams.items():
+                if upstreams.get(name) is not upstream:
+                    upstream.close()  # idle connections; busy ones finish their request
 
         return commit
 

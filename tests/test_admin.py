@@ -440,3 +440,19 @@ def test_merge_patch():
     """RFC 7396: objects merge, null removes, arrays and scalars replace."""
     assert merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"b": None, "e": 3}, "d": [2]}) == {
         "a": {"c": 2, "e": 3}, "d": [2]}
+
+
+def test_changes_keep_unchanged_upstreams(admin):
+    """An Admin API change keeps the running upstreams it does not change (and their
+    pooled connections); a changed one is made anew; a reload makes all anew."""
+    admin.call("PUT", "/apisix/admin/upstreams/u1", {"nodes": {"127.0.0.1:1": 1}, "max_connections": 8})
+    assert admin.service.config.upstreams["u1"].max_connections == 8
+    before = dict(admin.service._upstreams)
+    admin.call("PUT", "/apisix/admin/routes/r1", {"uri": "/x", "upstream_id": "u1"})
+    after = admin.service._upstreams
+    assert after["u1"] is before["u1"] and after["file-up"] is before["file-up"]
+    admin.call("PATCH", "/apisix/admin/upstreams/u1", {"retries": 0, "max_connections": None})
+    assert admin.service._upstreams["u1"] is not before["u1"]
+    assert admin.service._upstreams["file-up"] is before["file-up"]
+    _result(admin.catalog.reload(admin.file))
+    assert admin.service._upstreams["file-up"] is not before["file-up"]

@@ -39,7 +39,7 @@ class Gateway:
         self.catalog = Catalog(config.parse(GW_INI.format(upstream=upstream), "gw.ini", {}), MemoryStore(), {})
         self.catalog.attach(self.prepare, reactor, redis)
 
-    def prepare(self, served: Any) -> Any:
+    def prepare(self, served: Any, keep_upstreams: bool) -> Any:
         return lambda: self.served.append(served)
 
     def routes(self) -> List[str]:

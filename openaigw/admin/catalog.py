@@ -20,7 +20,7 @@ from openaigw.interfaces import IObjectStore, ISharedObjectStore
 
 log = Logger()
 SINGULAR = {"routes": "route", "upstreams": "upstream", "consumers": "consumer"}
-Prepare = Callable[[Config], Callable[[], None]]
+Prepare = Callable[[Config, bool], Callable[[], None]]
 
 
 class ObjectError(AdminError):
@@ -123,8 +123,8 @@ class Catalog:
         self._clock: Any = None
 
     def attach(self, prepare: Prepare, clock: Any, redis: Any = None) -> None:
-        """``prepare(config)`` builds what serves ``config`` and returns the function
-        that swaps it in; ``clock`` dates the changes.  With ``redis`` (a RedisClient)
+        """``prepare(config, keep_upstreams)`` builds what serves ``config`` and returns
+        the function that swaps it in; ``clock`` dates the changes.  With ``redis`` (a RedisClient)
         the objects are shared through it, the store keeping the last good copy."""
         self._prepare = prepare
         self._clock = clock
@@ -154,7 +154,7 @@ class Catalog:
             if objects != self._objects:
                 try:
                     config = combine(self.file, objects, self._environ)
-                    commit = self._prepare(config)
+                    commit = self._prepare(config, True)
                 except AdminError as e:
                     where = f"{SINGULAR[e.kind]} [{e.id}]: " if isinstance(e, ObjectError) else ""
                     store.refuse(revision, where + e.message)
@@ -229,7 +229,7 @@ class Catalog:
                 config = combine(self.file, objects, self._environ)
             except ObjectError as e:
                 raise e.about(kind, id) from None
-            commit = self._prepare(config)
+            commit = self._prepare(config, True)
             try:
                 if value is None:
                     await self._store.delete(kind, id)
@@ -259,7 +259,7 @@ class Catalog:
                           error=f"{where}{e.message}")
                 return False
             try:
-                commit = self._prepare(config)
+                commit = self._prepare(config, False)
             except Exception:
                 log.failure("reload failed, still serving the previous configuration")
                 return False

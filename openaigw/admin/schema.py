@@ -227,7 +227,7 @@ def _plugins(value: Dict[str, Any], scope: str, flat: Flat) -> None:
 _UPSTREAM_FIELDS = {
     **_METADATA, "nodes": "", "type": "string", "scheme": "string", "pass_host": "string",
     "upstream_host": "string", "timeout": "object", "retries": "integer",
-    "keepalive_pool": "object", "ca_file": "string",
+    "keepalive_pool": "object", "ca_file": "string", "max_connections": "integer",
 }
 
 
@@ -267,7 +267,7 @@ def upstream(name: str, value: Dict[str, Any], environ: Mapping[str, str], field
     if "nodes" not in value:
         raise invalid(f"{prefix}nodes", "is required")
     flat.set("nodes", _nodes(value["nodes"], f"{prefix}nodes"), f"{prefix}nodes")
-    for key in ("type", "scheme", "pass_host", "upstream_host", "retries", "ca_file"):
+    for key in ("type", "scheme", "pass_host", "upstream_host", "retries", "ca_file", "max_connections"):
         if key in value:
             flat.set(key, value[key], f"{prefix}{key}")
     timeout = value.get("timeout", {})
