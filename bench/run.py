@@ -481,11 +481,8 @@ def state_table(bench: Bench) -> str:
     memory = bench.raw.get("state.cpu_us_per_req", {}).get("limit-memory", [])
     for target in STATE_TARGETS:
         rounds = bench.raw.get("state.cpu_us_per_req", {}).get(target, [])
-        ratios = [r / m for r, m in zip(rounds, memory) if m]
         rows.append([target, fmt(summary(bench, "state.rps", target)),
-                     fmt(summary(bench, "state.cpu_us_per_req", target)),
-                     fmt(statistics.median(ratios) if ratios else float("nan"), 2)
-                     + " (" + " ".join(fmt(r, 2) for r in ratios) + ")"])
+                     fmt(summary(bench, "state.cpu_us_per_req", target)), per_round(rounds, memory)])
     return layout(rows)
 
 
@@ -554,11 +551,8 @@ def features_table(bench: Bench) -> str:
     bare = bench.raw.get("feat.rps", {}).get("openaigw-bare", [])
     for target in FEATURE_TARGETS:
         rounds = bench.raw.get("feat.rps", {}).get(target, [])
-        ratios = [r / b for r, b in zip(rounds, bare) if b]
         rows.append([target, fmt(summary(bench, "feat.rps", target)),
-                     fmt(summary(bench, "feat.cpu_us_per_req", target)),
-                     fmt(statistics.median(ratios) if ratios else float("nan"), 2)
-                     + " (" + " ".join(fmt(r, 2) for r in ratios) + ")"])
+                     fmt(summary(bench, "feat.cpu_us_per_req", target)), per_round(rounds, bare)])
     return layout(rows)
 
 
@@ -583,6 +577,13 @@ def cache_table(bench: Bench) -> str:
     rows.append(["  TTFB p50 / p99 ms", "", cell("cstream.ttfb_p50_ms", target) + " / "
                  + cell("cstream.ttfb_p99_ms", target), ""])
     return layout(rows)
+
+
+def per_round(rounds: List[float], base: List[float]) -> str:
+    """The median of the rounds' ratios to ``base``'s, then each round's."""
+    ratios = [r / b for r, b in zip(rounds, base) if b]
+    median = statistics.median(ratios) if ratios else float("nan")
+    return fmt(median, 2) + " (" + " ".join(fmt(r, 2) for r in ratios) + ")"
 
 
 def layout(rows: List[List[str]]) -> str:

@@ -1,6 +1,11 @@
 """Fixtures shared by the integration tests: a test CA and a fake OpenAI upstream."""
 
+import contextlib
+import io
+
 import pytest
+
+from openaigw.keygen import main as keygen
 
 from openaigw.testing import make_test_ca, start_fake_upstream, stop_process
 
@@ -17,3 +22,15 @@ def fake_node(pki):
     proc, port = start_fake_upstream(pki.directory, name="shared")
     yield port
     stop_process(proc)
+
+
+def make_keys(*names: str) -> dict:
+    """Consumers' keys made with openaigw-keygen: name -> (key, the config lines it printed)."""
+    made = {}
+    for name in names:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            keygen([name])
+        lines = [line for line in out.getvalue().splitlines() if line and not line.startswith("#")]
+        made[name] = (lines[0], "\n".join(lines[1:]))
+    return made

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import urllib.request
@@ -12,8 +10,8 @@ import urllib.request
 import openai
 import pytest
 
-from openaigw.keygen import main as keygen
 from openaigw.testing import free_port, start_gateway, stop_process
+from tests.conftest import make_keys
 
 REAL_KEY = "sk-real-upstream-canary-42"
 MESSAGES = [{"role": "user", "content": "hello there"}]  # the fake counts 2 prompt tokens
@@ -22,14 +20,7 @@ MESSAGES = [{"role": "user", "content": "hello there"}]  # the fake counts 2 pro
 @pytest.fixture(scope="module")
 def keys():
     """Two consumers' keys, made with openaigw-keygen, and the config lines it printed."""
-    made = {}
-    for name in ("team-a", "team-b"):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            keygen([name])
-        lines = [line for line in out.getvalue().splitlines() if line and not line.startswith("#")]
-        made[name] = (lines[0], "\n".join(lines[1:]))
-    return made
+    return make_keys("team-a", "team-b")
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@ redis-server (Debian's), the fake OpenAI upstream, the openai SDK and raw HTTP."
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import io
 import json
 import os
 import shutil
@@ -15,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from openaigw.keygen import main as keygen
 from openaigw.testing import RedisServer, free_port, start_gateway, stop_process
+from tests.conftest import make_keys
 
 CANARY = "redis-pw-canary-7d41e0"
 MESSAGES = [{"role": "user", "content": "hello there"}]  # the fake counts 2 prompt tokens
@@ -31,22 +29,11 @@ pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="redis-server is not installed (make test installs it)")
 
 
-def make_keys() -> dict:
-    made = {}
-    for name in CONSUMERS:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            keygen([name])
-        lines = [line for line in out.getvalue().splitlines() if line and not line.startswith("#")]
-        made[name] = (lines[0], "\n".join(lines[1:]))
-    return made
-
-
 @pytest.fixture(scope="module")
 def cluster(pki, fake_node, tmp_path_factory):
     """redis-server with a password; gateway "a" rejects when it is unavailable, "b" allows."""
     redis = RedisServer(tmp_path_factory.mktemp("redis"), CANARY).start()
-    keys = make_keys()
+    keys = make_keys(*CONSUMERS)
     consumers = "\n\n".join(f"{keys[name][1]}\n{limits}" for name, limits in CONSUMERS.items())
     gateways, procs, directories = {}, [], []
     env = {**os.environ, "REDIS_PASSWORD": CANARY, "OPENAI_API_KEY": "sk-real"}
