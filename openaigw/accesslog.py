@@ -121,7 +121,7 @@ class AccessLog:
         self.path = path
         self.format = format
         self._clock = clock
-        self._file: Optional[IO[str]] = None
+        self._file: Optional[IO[Any]] = None
         self._lines: List[str] = []
         self._flushing: Any = None
         self.reopen()
@@ -133,7 +133,9 @@ class AccessLog:
             # The process's real stdout: twistd replaces sys.stdout with a logger.
             self._file = sys.__stdout__
             return
-        old, self._file = self._file, open(self.path, "a", encoding="utf-8")
+        # Unbuffered: a batch is one write(2), which appends whole (several workers
+        # appending to one file never split each other's lines).
+        old, self._file = self._file, open(self.path, "ab", buffering=0)
         if old is not None:
             old.close()
 
@@ -149,9 +151,13 @@ class AccessLog:
             self._flushing.cancel()
         self._flushing = None
         lines, self._lines = self._lines, []
-        if lines and self._file is not None:
+        if lines and self._file is sys.__stdout__:
             self._file.write("".join(lines))
             self._file.flush()
+        elif lines and self._file is not None:
+            data = memoryview("".join(lines).encode("utf-8"))
+            while data:
+                data = data[self._file.write(data):]
 
     def request_finished(self, record: AccessRecord) -> None:
         fields = record.fields()

@@ -64,6 +64,11 @@ class GatewayConfig:
     admin: Tuple[str, ...] = ()  # the Admin API listener(s)
     admin_key: Optional[str] = field(default=None, repr=False)
     admin_state: Optional[str] = None
+    workers: int = 1  # processes serving the listeners; 0: auto (one per CPU)
+
+    def worker_count(self) -> int:
+        """How many worker processes to run (``auto`` resolved on this host)."""
+        return self.workers or len(os.sched_getaffinity(0))
 
 
 @dataclass(frozen=True)
@@ -259,14 +264,18 @@ class PluginOptions:
 
 def load(path: str, environ: Optional[Mapping[str, str]] = None) -> Config:
     """Read and validate the configuration file at ``path``."""
+    return parse(read(path), path, os.environ if environ is None else environ)
+
+
+def read(path: str) -> str:
+    """The text of the configuration file at ``path``."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse(text, path, os.environ if environ is None else environ)
 
 
 def parse(text: str, path: str, environ: Mapping[str, str]) -> Config:
@@ -325,7 +334,9 @@ def parse(text: str, path: str, environ: Mapping[str, str]) -> Config:
     if not routes and not gateway.admin:
         raise ConfigError(f"{path}: no [route:NAME] section (and no admin listener): nothing to serve")
     _check_overlaps(routes, route_sections)
-    return Config(path, gateway, upstreams, routes, consumers)
+    config = Config(path, gateway, upstreams, routes, consumers)
+    _check_workers(config)
+    return config
 
 
 def _known(section: Section, keys: Tuple[str, ...]) -> None:
@@ -342,6 +353,7 @@ def _gateway(section: Section) -> GatewayConfig:
             "metrics_max_models", "shutdown_timeout",
             "state", "state_timeout", "state_unavailable", "state_ca_file",
             "admin", "admin_key", "admin_state",
+            "workers",
         ),
     )
     listen = tuple((section.get("listen") or DEFAULT_LISTEN).split())
@@ -380,6 +392,7 @@ def _gateway(section: Section) -> GatewayConfig:
         admin=admin,
         admin_key=admin_key,
         admin_state=admin_state,
+        workers=_workers(section),
     )
 
 
@@ -429,6 +442,45 @@ def _admin(section: Section, admin: Tuple[str, ...]) -> Tuple[Optional[str], Opt
     if state is not None and not os.path.isdir(os.path.dirname(state)):
         raise section.error("admin_state", f"no directory {os.path.dirname(state)}")
     return key, state
+
+
+_MAX_WORKERS = 256
+
+
+def _workers(section: Section) -> int:
+    if (section.get("workers") or "").strip().lower() == "auto":
+        return 0
+    workers: int = section.number("workers", 1, minimum=1, integer=True)
+    if workers > _MAX_WORKERS:
+        raise section.error("workers", f"{section.raw('workers')!r}: at most {_MAX_WORKERS} (or auto)")
+    return workers
+
+
+LIMITS = ("limit-count", "limit-req", "limit-conn", "ai-rate-limiting")  # plugins that keep counts
+
+
+def _check_workers(config: Config) -> None:
+    """Several workers would each count every limit on its own, and keep their own
+    Admin API objects: refuse that."""
+    if config.gateway.workers == 1:
+        return
+    if config.gateway.admin:
+        raise ConfigError(
+            f"{config.path}: [gateway] admin: the Admin API needs workers = 1 (each worker"
+            " would keep its own objects)"
+        )
+    limited = [
+        f"[{kind}:{owner.name}] {plugin.name}"
+        for kind, owners in (("route", config.routes), ("consumer", config.consumers))
+        for owner in owners
+        for plugin in owner.plugins
+        if plugin.name in LIMITS
+    ]
+    if limited:
+        raise ConfigError(
+            f"{config.path}: [gateway] workers: with several workers, each would count its own"
+            f" share of these limits: {', '.join(limited)}; set workers = 1"
+        )
 
 
 def _check_endpoint(section: Section, key: str, description: str) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import signal
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
@@ -86,7 +87,12 @@ class GatewayService(Service):
     aborts the rest and exits 0.
     """
 
-    def __init__(self, config: Config, reactor: Any, catalog: Optional[admin.Catalog] = None) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, catalog: Optional[admin.Catalog] = None,
+        inherited: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        # In a worker: the supervisor's listeners (description -> endpoint), and no others.
+        self._inherited = inherited
         # With an admin listener, what is served is gw.ini plus the Admin API's objects.
         if catalog is None and config.gateway.admin:
             catalog = admin.open_catalog(config)
@@ -123,6 +129,8 @@ class GatewayService(Service):
         return degraded(self._runtime)
 
     def _wanted(self, config: Config) -> Dict[Tuple[str, str], Any]:
+        if self._inherited is not None:
+            return {("listen", d): self.site for d in self._inherited}
         wanted = {("listen", d): self.site for d in config.gateway.listen}
         wanted.update({("status", d): self.status_site for d in config.gateway.status})
         if self.admin_site is not None:
@@ -139,7 +147,11 @@ class GatewayService(Service):
             def opened(port: Any, key: Tuple[str, str] = key) -> None:
                 self._ports[key] = port
 
-            listening = serverFromString(self._reactor, key[1]).listen(factory)
+            if self._inherited is not None:
+                endpoint = self._inherited[key[1]]
+            else:
+                endpoint = serverFromString(self._reactor, key[1])
+            listening = endpoint.listen(factory)
             listening.addCallbacks(opened, failures.append)
             waiting.append(listening)
         return waiting, failures
@@ -165,7 +177,7 @@ class GatewayService(Service):
         log.info(
             "openaigw ready: {routes} route(s) from {path}, listening on {listen}",
             routes=len(self.config.routes), path=self.config.path,
-            listen=" ".join(self.config.gateway.listen + self.config.gateway.status + self.config.gateway.admin),
+            listen=" ".join(description for _, description in self._ports),
         )
 
     def startService(self) -> None:
@@ -185,41 +197,44 @@ class GatewayService(Service):
         else:
             self._reactor.callFromThread(self._reactor.stop)
 
-    def reload(self) -> None:
+    def reload(self, text: Optional[str] = None) -> bool:
         """Reopen the access log (after logrotate), read the configuration file again
-        and serve new requests with it."""
+        (or take ``text``, as the supervisor checked it) and serve new requests with it;
+        False if it was refused."""
         systemd.notify(systemd.reloading())
         try:
             if self.telemetry.access_log is not None:
                 self.telemetry.access_log.reopen()
-            self._reload()
+            return self._reload(text)
         finally:
             systemd.notify("READY=1\nSTATUS=serving")
 
-    def _reload(self) -> None:
+    def _reload(self, text: Optional[str]) -> bool:
+        path = self.config.path
         try:
-            config = configuration.load(self.config.path)
+            config = configuration.load(path) if text is None else configuration.parse(text, path, os.environ)
         except configuration.ConfigError as e:
             log.error("reload refused, still serving the previous configuration: {error}", error=str(e))
-            return
+            return False
         if state_changed(self.config.gateway, config.gateway):
             log.error(
                 "reload refused, still serving the previous configuration: {path}: [gateway]"
                 " state, state_timeout, state_unavailable and state_ca_file change only at a restart",
                 path=config.path,
             )
-            return
+            return False
         if self.catalog is not None:  # the Admin API's objects join gw.ini's
             self.catalog.reload(config).addCallback(
                 lambda served: served and self._reloaded(self.config))
-            return
+            return True
         try:
             commit = self.prepare(config)
         except Exception:
             log.failure("reload failed, still serving the previous configuration")
-            return
+            return False
         commit()
         self._reloaded(config)
+        return True
 
     def _reloaded(self, config: Config) -> None:
         log.info("configuration reloaded from {path}: {routes} route(s)", path=config.path,

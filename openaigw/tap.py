@@ -48,6 +48,11 @@ class Options(usage.Options):
 def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
+    if options.config.gateway.worker_count() > 1:
+        from openaigw.supervisor import Supervisor
+
+        return Supervisor(options.config, config.read(options["config"]), reactor)
+
     from openaigw import writethrough
     from openaigw.service import GatewayService
 

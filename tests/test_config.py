@@ -299,3 +299,41 @@ def test_max_connections():
     assert parse(base + "max_connections = 8\n" + route, "gw.ini", {}).upstreams["u"].max_connections == 8
     assert "max_connections" in bad(base + "max_connections = -1\n" + route)
     assert "max_connections" in bad(base + "max_connections = 1.5\n" + route)
+
+
+SEED = "[upstream:u]\nnodes = h:1\n[route:r]\nuri = /a\nupstream = u\n"
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("1", 1), ("4", 4), ("auto", 0), (" AUTO ", 0)],
+)
+def test_workers(value, expected):
+    """workers: a number of processes, or auto (0: one per CPU, resolved at start)."""
+    gateway = parse(f"[gateway]\nworkers = {value}\n{SEED}", "/etc/gw.ini", {}).gateway
+    assert gateway.workers == expected
+    assert gateway.worker_count() == (expected or len(os.sched_getaffinity(0)))
+    assert parse(SEED, "/etc/gw.ini", {}).gateway.worker_count() == 1
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("0", "'0' must be at least 1"), ("two", "'two' is not a whole number"), ("1000", "at most 256")],
+)
+def test_bad_workers(value, expected):
+    assert expected in bad(f"[gateway]\nworkers = {value}\n{SEED}")
+
+
+@pytest.mark.parametrize("workers", ["2", "auto"])
+def test_limits_need_one_worker(workers):
+    """Several workers would each count a limit on its own: refused, naming every limit."""
+    text = (
+        f"[gateway]\nworkers = {workers}\n{SEED}limit-count.count = 5\nlimit-count.time_window = 60\n"
+        "key-auth = on\n[route:s]\nuri = /b\nupstream = u\n"
+        f"[consumer:team]\nkey_sha256 = {'ab' * 32}\nai-rate-limiting.limit = 100\n"
+        "ai-rate-limiting.time_window = 60\nlimit-conn.conn = 2\n"
+    )
+    message = bad(text)
+    assert "[gateway] workers" in message
+    assert "[route:r] limit-count" in message and "[consumer:team] ai-rate-limiting" in message
+    assert "[consumer:team] limit-conn" in message and "[route:s]" not in message
+    parse(text.replace(f"workers = {workers}", "workers = 1"), "/etc/gw.ini", {})
