@@ -486,6 +486,75 @@ def state_table(bench: Bench) -> str:
     return layout(rows)
 
 
+# --- workers = 2 vs 1 --------------------------------------------------------------------
+
+WORKER_TARGETS = ("openaigw-1w", "openaigw-2w")  # the seed gw.ini with workers = 1, 2
+
+
+def process_tree(pid: int) -> List[int]:
+    """*pid* and its children (a supervisor and its workers)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [pid] + [int(c) for c in f.read().split()]
+
+
+def start_worker_targets(bench: Bench) -> None:
+    """Both gateways, every process of each on the proxy core(s): one core for both on
+    a two-core machine, so that 2 workers can only show their cost there; two cores for
+    2 workers where the load generator still has its own."""
+    env = dict(os.environ, OPENAI_API_KEY="sk-bench")
+    cores = os.cpu_count() or 1
+    for target, workers in zip(WORKER_TARGETS, (1, 2)):
+        port = bench.ports[target] = free_port()
+        directory = os.path.join(bench.tmp, target)
+        os.mkdir(directory)
+        ini = gateway_ini(port, bench.ports["direct"]).replace(
+            "[gateway]\n", f"[gateway]\nworkers = {workers}\n", 1)
+        gateway = start_gateway(directory, ini, port, env=env)
+        bench.procs.append(gateway)
+        bench.pids[target] = gateway.pid
+        deadline = time.monotonic() + 30
+        while len(process_tree(gateway.pid)) < 1 + (workers > 1) * workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{target}: workers did not start; see {directory}")
+            time.sleep(0.1)
+        proxy_cores = {PROXY_CORE, 2} if workers > 1 and cores >= 3 else {PROXY_CORE}
+        for pid in process_tree(gateway.pid):
+            if cores >= 2:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setaffinity(int(tid), proxy_cores)
+        result = asyncio.run(loadgen.fixed_rate(port, 100, 0.2, connections=4))
+        if result["errors"] or not result["ok"]:
+            raise RuntimeError(f"{target} on port {port} does not answer: {result}")
+        run_wrk(port, 1, bench.plan.wrk_connections, bench.lua)
+
+
+def workers_throughput(bench: Bench, target: str, port: int) -> Dict[str, float]:
+    """wrk against one of WORKER_TARGETS; CPU of all its processes."""
+    pids = process_tree(bench.pids[target])
+    cpu = sum(cpu_seconds(pid) for pid in pids)
+    result = run_wrk(port, bench.plan.wrk_seconds, bench.plan.wrk_connections, bench.lua)
+    used = sum(cpu_seconds(pid) for pid in pids) - cpu
+    result["cpu_us_per_req"] = used / max(1, result["requests"]) * 1e6
+    return result
+
+
+def workers_table(bench: Bench) -> str:
+    """workers = 2 against 1: medians, and the median of each round's ratio."""
+    one, two = WORKER_TARGETS
+    rows = [["wrk c=%d, same run" % bench.plan.wrk_connections, "workers = 1", "workers = 2",
+             "2 / 1 (per round)"]]
+    for metric, label in (("rps", "req/s"), ("cpu_us_per_req", "CPU us/request (all processes)"),
+                          ("p99_ms", "latency p99 ms")):
+        values = bench.raw.get(f"work.{metric}", {})
+        rows.append([label, fmt(summary(bench, f"work.{metric}", one)),
+                     fmt(summary(bench, f"work.{metric}", two)),
+                     per_round(values.get(two, []), values.get(one, []))])
+    cores = os.cpu_count() or 1
+    where = ("2 workers on 2 cores, the load generator on a third" if cores >= 3
+             else "both on one core (the other runs the load generator): compare CPU/request")
+    return layout(rows) + f"\n({where})"
+
+
 # --- report ---------------------------------------------------------------------------
 
 def summary(bench: Bench, metric: str, target: str, peak: bool = False) -> float:
@@ -605,7 +674,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round (< 1 minute)")
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers here")
-    parser.add_argument("--only", choices=("state",), help="run this workload only")
+    parser.add_argument("--only", choices=("state", "workers"), help="run this workload only")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
@@ -635,8 +704,13 @@ def main() -> None:
             bench.rounds("feat", bench.throughput, FEATURE_TARGETS, plan.feature_rounds)
             bench.rounds("hitcpu", bench.throughput, CACHE_TARGETS)
             bench.rounds("cstream", bench.cache_streams, CACHE_TARGETS[1:])
-        start_state_targets(bench)
-        bench.rounds("state", bench.throughput, STATE_TARGETS, plan.feature_rounds)
+        if args.only in (None, "state"):
+            start_state_targets(bench)
+            bench.rounds("state", bench.throughput, STATE_TARGETS, plan.feature_rounds)
+        if args.only in (None, "workers"):
+            start_worker_targets(bench)
+            bench.rounds("work", lambda target, port: workers_throughput(bench, target, port),
+                         WORKER_TARGETS, plan.feature_rounds)
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted; logs kept in {tmp}")
     except BaseException:
@@ -651,7 +725,10 @@ def main() -> None:
         print(text)
         print("\n" + features_table(bench))
         print("\n" + cache_table(bench))
-    print("\n" + state_table(bench))
+    if args.only in (None, "state"):
+        print("\n" + state_table(bench))
+    if args.only in (None, "workers"):
+        print("\n" + workers_table(bench))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"plan": dataclasses.asdict(plan), "median": medians,

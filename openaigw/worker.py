@@ -45,8 +45,27 @@ MAX_MESSAGE = 1 << 26  # a configuration's text, a metrics snapshot
 log = Logger()
 
 
-class _InheritedUNIXPort(unix.Port):
-    """A unix socket of the supervisor's, which owns its path: closing does not unlink it."""
+class _OneAcceptAWakeup:
+    """A socket shared with the other workers: accept one connection each time it is
+    readable (as nginx's ``multi_accept off``).  Twisted accepts up to 100 at once,
+    so the first worker to wake would take a whole burst; one at a time, each next
+    connection goes to a worker that is back in its event loop, the least busy."""
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass
+
+
+class _SharedTCPPort(_OneAcceptAWakeup, tcp.Port):
+    pass
+
+
+class _SharedUNIXPort(_OneAcceptAWakeup, unix.Port):
+    """The supervisor owns the path: closing does not unlink it."""
 
     def connectionLost(self, reason: Any) -> None:
         tcp.Port.connectionLost(self, reason)
@@ -56,7 +75,8 @@ class _InheritedUNIXPort(unix.Port):
 class InheritedEndpoint:
     """A listening socket the supervisor opened, served with what it needs here: TLS for
     an ``ssl:`` description, the supervisor's backlog and mode for a unix socket (which
-    Twisted listens on again when adopting it)."""
+    Twisted listens on again when adopting it).  (What ``reactor.adoptStreamPort``
+    does, with the port classes above.)"""
 
     def __init__(self, reactor: Any, fd: int, description: str, backlog: int, mode: int) -> None:
         self._reactor = reactor
@@ -74,11 +94,11 @@ class InheritedEndpoint:
             factory = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
         family = _family(self._fd)
         if family == socket.AF_UNIX:
-            port = _InheritedUNIXPort._fromListeningDescriptor(self._reactor, self._fd, factory)
-            port.backlog, port.mode = self._backlog, self._mode
-            port.startListening()
+            port = _SharedUNIXPort._fromListeningDescriptor(self._reactor, self._fd, factory)
+            port.backlog, port.mode = self._backlog, self._mode  # it listens again
         else:
-            port = self._reactor.adoptStreamPort(self._fd, family, factory)
+            port = _SharedTCPPort._fromListeningDescriptor(self._reactor, self._fd, family, factory)
+        port.startListening()
         os.close(self._fd)  # the port holds its own copy
         return succeed(port)
 
