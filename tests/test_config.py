@@ -337,3 +337,9 @@ def test_limits_need_one_worker(workers):
     assert "[route:r] limit-count" in message and "[consumer:team] ai-rate-limiting" in message
     assert "[consumer:team] limit-conn" in message and "[route:s]" not in message
     parse(text.replace(f"workers = {workers}", "workers = 1"), "/etc/gw.ini", {})
+
+
+def test_admin_api_needs_one_worker():
+    """Each worker would keep its own Admin API objects: refused."""
+    text = f"[gateway]\nworkers = 2\nadmin = tcp:port=9180:interface=127.0.0.1\n{SEED}"
+    assert "[gateway] admin: the Admin API needs workers = 1" in bad(text)
