@@ -460,14 +460,14 @@ LIMITS = ("limit-count", "limit-req", "limit-conn", "ai-rate-limiting")  # plugi
 
 
 def _check_workers(config: Config) -> None:
-    """Several workers would each count every limit on its own, and keep their own
-    Admin API objects: refuse that."""
-    if config.gateway.workers == 1:
+    """With state = memory, several workers would each count every limit on its own,
+    and keep their own Admin API objects: refuse that."""
+    if config.gateway.workers == 1 or config.gateway.state is not None:
         return
     if config.gateway.admin:
         raise ConfigError(
-            f"{config.path}: [gateway] admin: the Admin API needs workers = 1 (each worker"
-            " would keep its own objects)"
+            f"{config.path}: [gateway] admin: with several workers and state = memory, each"
+            " worker would keep its own Admin API objects; set state = redis://... or workers = 1"
         )
     limited = [
         f"[{kind}:{owner.name}] {plugin.name}"
@@ -478,8 +478,9 @@ def _check_workers(config: Config) -> None:
     ]
     if limited:
         raise ConfigError(
-            f"{config.path}: [gateway] workers: with several workers, each would count its own"
-            f" share of these limits: {', '.join(limited)}; set workers = 1"
+            f"{config.path}: [gateway] workers: with several workers and state = memory, each"
+            f" worker would count its own share of these limits: {', '.join(limited)};"
+            " set state = redis://... (shared by all) or workers = 1"
         )
 
 

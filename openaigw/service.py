@@ -89,9 +89,10 @@ class GatewayService(Service):
 
     def __init__(
         self, config: Config, reactor: Any, catalog: Optional[admin.Catalog] = None,
-        inherited: Optional[Mapping[str, Any]] = None,
+        inherited: Optional[Mapping[Tuple[str, str], Any]] = None,
     ) -> None:
-        # In a worker: the supervisor's listeners (description -> endpoint), and no others.
+        # In a worker: the supervisor's listen and admin sockets ((kind, description) ->
+        # endpoint), and no others.
         self._inherited = inherited
         # With an admin listener, what is served is gw.ini plus the Admin API's objects.
         if catalog is None and config.gateway.admin:
@@ -130,7 +131,7 @@ class GatewayService(Service):
 
     def _wanted(self, config: Config) -> Dict[Tuple[str, str], Any]:
         if self._inherited is not None:
-            return {("listen", d): self.site for d in self._inherited}
+            return {key: self.site if key[0] == "listen" else self.admin_site for key in self._inherited}
         wanted = {("listen", d): self.site for d in config.gateway.listen}
         wanted.update({("status", d): self.status_site for d in config.gateway.status})
         if self.admin_site is not None:
@@ -148,7 +149,7 @@ class GatewayService(Service):
                 self._ports[key] = port
 
             if self._inherited is not None:
-                endpoint = self._inherited[key[1]]
+                endpoint = self._inherited[key]
             else:
                 endpoint = serverFromString(self._reactor, key[1])
             listening = endpoint.listen(factory)

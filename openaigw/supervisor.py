@@ -225,7 +225,8 @@ class Supervisor(Service):
         gateway = self.config.gateway
         status = StatusSite(status_resource(self, None))
         status.resource.putChild(b"metrics", _HostMetricsPage(self))
-        wanted = [(d, HeldForWorkers()) for d in gateway.listen] + [(d, status) for d in gateway.status]
+        held = self._held(self.config)
+        wanted = [(d, HeldForWorkers()) for _, d in held] + [(d, status) for d in gateway.status]
         opened: List[Tuple[int, Any]] = []
         failures: List[Failure] = []
         for index, (description, factory) in enumerate(wanted):
@@ -238,7 +239,7 @@ class Supervisor(Service):
                 failures[0].raiseException()
             raise RuntimeError("openaigw cannot listen: an endpoint did not answer at once")
         ports = [port for _, port in sorted(opened, key=lambda pair: pair[0])]
-        self._listeners, self._status_ports = ports[: len(gateway.listen)], ports[len(gateway.listen):]
+        self._listeners, self._status_ports = ports[: len(held)], ports[len(held):]
         for port in self._listeners:
             port.stopReading()  # the workers accept
 
@@ -255,14 +256,20 @@ class Supervisor(Service):
         else:
             self._reactor.callFromThread(self._reactor.stop)
 
+    @staticmethod
+    def _held(config: Config) -> List[Tuple[str, str]]:
+        """The listeners the workers accept on: (kind, description)."""
+        gateway = config.gateway
+        return [("listen", d) for d in gateway.listen] + [("admin", d) for d in gateway.admin]
+
     def start_message(self, slot: int) -> Dict[str, Any]:
         """The ``start`` command for the worker in ``slot``."""
         listeners = [
             {
-                "fd": worker.FIRST_LISTENER + index, "description": description,
+                "fd": worker.FIRST_LISTENER + index, "kind": kind, "description": description,
                 "backlog": getattr(port, "backlog", 50), "mode": getattr(port, "mode", 0o666),
             }
-            for index, (description, port) in enumerate(zip(self.config.gateway.listen, self._listeners))
+            for index, ((kind, description), port) in enumerate(zip(self._held(self.config), self._listeners))
         ]
         return {"worker": slot, "path": self.config.path, "text": self._text, "listeners": listeners}
 
@@ -356,7 +363,9 @@ class Supervisor(Service):
 
     def _check_unchanged(self, config: Config) -> None:
         old, new = self.config.gateway, config.gateway
-        changed = [key for key in ("listen", "status", "workers") if getattr(old, key) != getattr(new, key)]
+        changed = [
+            key for key in ("listen", "status", "admin", "workers") if getattr(old, key) != getattr(new, key)
+        ]
         if state_changed(old, new):
             changed.append("state")
         if changed:

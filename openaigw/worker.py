@@ -140,7 +140,7 @@ class Worker:
             self.shutdown()
             return {"error": str(e)}
         inherited = {
-            listener["description"]: InheritedEndpoint(
+            (listener["kind"], listener["description"]): InheritedEndpoint(
                 self._reactor, listener["fd"], listener["description"], listener["backlog"], listener["mode"]
             )
             for listener in message["listeners"]

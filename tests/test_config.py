@@ -324,8 +324,9 @@ def test_bad_workers(value, expected):
 
 
 @pytest.mark.parametrize("workers", ["2", "auto"])
-def test_limits_need_one_worker(workers):
-    """Several workers would each count a limit on its own: refused, naming every limit."""
+def test_limits_with_workers_need_shared_state(workers):
+    """With state = memory, several workers would each count a limit on its own:
+    refused, naming every limit; with state = redis they share it."""
     text = (
         f"[gateway]\nworkers = {workers}\n{SEED}limit-count.count = 5\nlimit-count.time_window = 60\n"
         "key-auth = on\n[route:s]\nuri = /b\nupstream = u\n"
@@ -336,10 +337,14 @@ def test_limits_need_one_worker(workers):
     assert "[gateway] workers" in message
     assert "[route:r] limit-count" in message and "[consumer:team] ai-rate-limiting" in message
     assert "[consumer:team] limit-conn" in message and "[route:s]" not in message
+    assert "state = redis" in message
     parse(text.replace(f"workers = {workers}", "workers = 1"), "/etc/gw.ini", {})
+    shared = text.replace("[gateway]\n", "[gateway]\nstate = redis://127.0.0.1:6379/0\n")
+    assert parse(shared, "/etc/gw.ini", {}).gateway.workers == (0 if workers == "auto" else 2)
 
 
-def test_admin_api_needs_one_worker():
-    """Each worker would keep its own Admin API objects: refused."""
+def test_admin_api_with_workers_needs_shared_state():
+    """With state = memory each worker would keep its own Admin API objects: refused."""
     text = f"[gateway]\nworkers = 2\nadmin = tcp:port=9180:interface=127.0.0.1\n{SEED}"
-    assert "[gateway] admin: the Admin API needs workers = 1" in bad(text)
+    assert "[gateway] admin: with several workers and state = memory" in bad(text)
+    parse(text.replace("workers = 2", "workers = 2\nstate = redis://127.0.0.1:6379/0"), "/etc/gw.ini", {})

@@ -38,10 +38,10 @@ upstream = fake
 class Stream(threading.Thread):
     """Reads a streamed completion in the background; records the events and how it ended."""
 
-    def __init__(self, port: int, chunks: int, interval_ms: int) -> None:
+    def __init__(self, port: int, chunks: int, interval_ms: int, path: str = "/v1/chat/completions") -> None:
         super().__init__(daemon=True)
         self.request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/chat/completions", data=MESSAGES,
+            f"http://127.0.0.1:{port}{path}", data=MESSAGES,
             headers={"X-Fake-Chunks": str(chunks), "X-Fake-Interval-Ms": str(interval_ms)},
         )
         self.events: list = []

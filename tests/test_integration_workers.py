@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -13,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from openaigw.testing import free_port, start_gateway, stop_process
+from openaigw.testing import RedisServer, free_port, start_gateway, stop_process
 from tests.test_integration_lifecycle import Stream, notify_socket  # noqa: F401 - a fixture
 
 BODY = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
@@ -297,7 +298,7 @@ def test_stop_drains_streams_on_both_workers(pki, fake_node, tmp_path, ports):
 
 
 def test_limits_with_workers_are_refused(pki, fake_node, tmp_path, ports):
-    """workers = 2 with a limit kept in memory: twistd refuses to start, naming the keys."""
+    """workers = 2 with a limit and state = memory: twistd refuses to start, naming the keys."""
     port, status = ports
     text = config(port, status, fake_node, pki, "limit-count.count = 10\nlimit-count.time_window = 60\n")
     with pytest.raises(RuntimeError) as error:
@@ -305,3 +306,37 @@ def test_limits_with_workers_are_refused(pki, fake_node, tmp_path, ports):
     assert "exited with 78" in str(error.value)
     assert "[route:chat] limit-count" in str(error.value)
 
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (make test installs it)")
+def test_limits_stay_exact_across_workers_with_redis(pki, fake_node, tmp_path, ports):
+    """workers = 2 with state = redis: a limit-count of 15 admits exactly 15 of 60
+    concurrent requests, served by both workers; limit-conn counts streams on both."""
+    port, status = ports
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis").start()
+    extra = ("limit-count.count = 15\nlimit-count.time_window = 3600\nlimit-count.key = route\n"
+             "[route:conn]\nuri = /conn/chat\nupstream = fake\nlimit-conn.conn = 3\nlimit-conn.key = route\n"
+             "proxy-rewrite.uri = /v1/chat/completions\n")
+    gateway = f"state = redis://127.0.0.1:{redis.port}/0"
+    try:
+        proc = start(tmp_path, config(port, status, fake_node, pki, extra, gateway), port, status)
+        try:
+            with ThreadPoolExecutor(12) as pool:
+                codes = list(pool.map(lambda _: chat(port), range(60)))
+            assert codes.count(200) == 15 and codes.count(429) == 45
+            text = get(f"http://127.0.0.1:{status}/metrics")[1]
+            assert metric(text, "openaigw_requests_total", route="chat", status="429") == 45
+
+            streams = [Stream(port, chunks=30, interval_ms=100, path="/conn/chat") for _ in range(3)]
+            for stream in streams:
+                assert stream.started_reading.wait(15)
+            with ThreadPoolExecutor(6) as pool:  # whichever worker answers: no slot is free
+                assert set(pool.map(lambda _: get(f"http://127.0.0.1:{port}/conn/chat", BODY)[0], range(6))) == {429}
+            for stream in streams:
+                stream.join(20)
+                assert stream.error is None
+        finally:
+            stop_process(proc)
+    finally:
+        redis.stop()
