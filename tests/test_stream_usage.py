@@ -166,3 +166,28 @@ proxy-rewrite.uri = /v1/chat/completions
     exact, asis = lines[-2:]
     assert (exact["route"], exact["total_tokens"], exact["tokens_estimated"]) == ("exact", 7, False)
     assert (asis["route"], asis["tokens_estimated"]) == ("asis", True)
+
+
+def test_cached_stream_keeps_usage_from_the_client():
+    """With cache = on, the stored stream is the one fetched with usage: a hit replays it
+    to a client that did not ask without the usage chunk, and counts the exact tokens it
+    saved."""
+    from tests.test_cache import CONFIG as CACHED, split
+
+    gw = Gateway(CACHED)
+    for hit in (False, True):
+        _, client = gw.client(post(CHAT, STREAM))
+        if not hit:
+            assert json.loads(sent_body(gw))["stream_options"] == {"include_usage": True}
+            answer_with_usage(gw.upstream(0))
+        status, headers, chunks = split(client.value())
+        assert headers[b"x-cache-status"] == (b"HIT" if hit else b"MISS")
+        relayed = b"".join(chunks)
+        assert b"usage" not in relayed and relayed.count(b'"content":"hi"') == 2
+        assert relayed.endswith(b"data: [DONE]\n\n")
+        record = gw.records[-1]
+        if hit:  # tokens saved, not used
+            assert (record.usage, record.tokens_saved) == (None, 10)
+        else:
+            assert (record.usage.total_tokens, record.usage.estimated) == (10, False)
+    assert gw.requests_sent() == 1
