@@ -41,7 +41,7 @@ def _model(exchange: Exchange) -> Optional[str]:
 def _ask_for_usage(exchange: Exchange) -> None:
     """Make a chat/completions (or completions) stream ask the upstream for its usage
     chunk, for exact token counts; a client that did not ask never sees it."""
-    if b'"stream"' not in exchange.body or not exchange.path.partition(b"?")[0].endswith(_USAGE_APIS):
+    if not exchange.path.partition(b"?")[0].endswith(_USAGE_APIS) or b'"stream"' not in exchange.body:
         return
     body = exchange.json()
     if isinstance(body, dict) and ask_for_usage(body):
