@@ -1,15 +1,15 @@
-"""openaigw benchmark: the gateway against a direct connection, nginx and Twisted's
-ReverseProxyResource, in one run.
+"""openaigw benchmark: the gateway against a direct connection, nginx, Twisted's own
+floors and Twisted's ReverseProxyResource, in one run.
 
     python bench/run.py [--quick] [--json results.json]
 
 Starts on 127.0.0.1 a fast fake OpenAI upstream (nginx: canned chat.completion, and
 SSE streams timed by the echo module), nginx as a plain reverse proxy (the
-reference), Twisted's plain ReverseProxyResource (bench/rpr.py, the baseline) and
-openaigw, then runs each workload in interleaved rounds against direct / nginx /
-twisted-rpr / openaigw and prints one table of medians and ratios.  The proxies
-run on core 0; upstream, wrk and the Python load generator on core 1.
-See bench/README.md.
+reference), Twisted's TCP relay (``twistd portforward``) and hello-world Site
+(bench/site.py, wrk only): the floors, Twisted's plain ReverseProxyResource
+(bench/rpr.py, the baseline) and openaigw, then runs each workload in interleaved
+rounds against them and prints one table of medians and ratios.  The proxies run on
+core 0; upstream, wrk and the Python load generator on core 1.  See bench/README.md.
 """
 
 from __future__ import annotations
@@ -37,11 +37,17 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import loadgen  # noqa: E402
 from openaigw.testing import RedisServer, free_port, start_gateway, stop_process  # noqa: E402
 
-TARGETS = ("direct", "nginx", "twisted-rpr", "openaigw")
+# The floors: Twisted's TCP relay (twistd portforward: relaying bytes through the
+# reactor) and its hello-world Site (Twisted's HTTP server side; it answers every
+# request with 12 bytes of its own, so it runs in the wrk workloads only).
+TARGETS = ("direct", "nginx", "twisted-tcp", "twisted-site", "twisted-rpr", "openaigw")
+RELAYS = tuple(t for t in TARGETS if t != "twisted-site")  # answer with the upstream's answers
+PROXIES = ("nginx", "twisted-tcp", "twisted-rpr", "openaigw")  # the +X columns
 # The cost of features, throughput only: the gateway bare (no access log, no metrics),
 # as seeded (access log on), and with key-auth, a request limit, a token limit, the
-# access log and metrics all on.
-FEATURE_TARGETS = ("openaigw-bare", "openaigw", "openaigw-full")
+# access log and metrics all on; the floors beside them.
+GATEWAYS = ("openaigw-bare", "openaigw", "openaigw-full")
+FEATURE_TARGETS = ("twisted-tcp", "twisted-site") + GATEWAYS
 # The response cache: a hit (every request of the wrk run is the same) against the same
 # request proxied, and identical streams coalesced into one upstream call.
 CACHE_TARGETS = ("openaigw", "openaigw-cache")
@@ -344,15 +350,17 @@ class Bench:
         self.procs.append(start_nginx(f"{self.tmp}/proxy", nginx_conf(
             f"{self.tmp}/proxy", proxy_server(px), keepalive), px, PROXY_CORE))
         self.pids["nginx"] = nginx_worker(self.procs[-1].pid)
-        rpr = self.ports["twisted-rpr"] = free_port()
-        argv = [sys.executable, os.path.join(_HERE, "rpr.py"), str(rpr), str(up)]
-        with open(os.path.join(self.tmp, "rpr.log"), "ab") as log:
-            self.procs.append(subprocess.Popen(pinned(PROXY_CORE, argv), stdin=subprocess.DEVNULL,
-                                               stdout=log, stderr=log))
-        wait_listening(rpr, self.procs[-1], f"twisted-rpr (see {self.tmp}/rpr.log)")
-        self.pids["twisted-rpr"] = self.procs[-1].pid  # taskset execs, same pid
+        tcp = free_port()
+        self.start_python("twisted-tcp", tcp, [
+            "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon", "--pidfile=",
+            f"--logfile={self.tmp}/twisted-tcp.twistd.log", "portforward",
+            "--port", f"tcp:{tcp}:interface=127.0.0.1", "--host", "127.0.0.1", "--dest_port", str(up)])
+        site = free_port()
+        self.start_python("twisted-site", site, [os.path.join(_HERE, "site.py"), str(site)])
+        rpr = free_port()
+        self.start_python("twisted-rpr", rpr, [os.path.join(_HERE, "rpr.py"), str(rpr), str(up)])
         env = dict(os.environ, OPENAI_API_KEY="sk-bench")
-        for variant in FEATURE_TARGETS + CACHE_TARGETS[1:]:
+        for variant in GATEWAYS + CACHE_TARGETS[1:]:
             gw = self.ports[variant] = free_port()
             directory = os.path.join(self.tmp, variant)
             os.mkdir(directory)
@@ -360,11 +368,20 @@ class Bench:
             self.procs.append(gateway)
             pin_pid(gateway.pid, PROXY_CORE)
             self.pids[variant] = gateway.pid
-        for target, port in self.ports.items():  # check the canned answer and warm up
+        for target, port in self.ports.items():  # check that it answers, and warm up
             result = asyncio.run(loadgen.fixed_rate(port, 100, 0.2, connections=4))
             if result["errors"] or not result["ok"]:
                 raise RuntimeError(f"{target} on port {port} does not answer: {result}")
             run_wrk(port, 1, self.plan.wrk_connections, self.lua)
+
+    def start_python(self, target: str, port: int, argv: List[str]) -> None:
+        """Run ``python argv`` on the proxy core as *target*, listening on *port*."""
+        self.ports[target] = port
+        with open(os.path.join(self.tmp, f"{target}.log"), "ab") as log:
+            self.procs.append(subprocess.Popen(pinned(PROXY_CORE, [sys.executable] + argv),
+                                               stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+        wait_listening(port, self.procs[-1], f"{target} (see {self.tmp}/{target}.log)")
+        self.pids[target] = self.procs[-1].pid  # taskset execs, same pid
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -592,29 +609,32 @@ def table(bench: Bench) -> Tuple[str, Dict[str, Dict[str, float]]]:
         ("slow.peak_rss_mib", "  proxy peak RSS MiB (max)", False),
         ("slow.rss_per_stream_kib", "  proxy RSS/stream KiB (max)", False),
     ]
-    head = ["workload", "direct", "nginx proxy", "twisted rpr", "openaigw", "gw/nginx", "gw/rpr",
-            "+nginx", "+rpr", "+openaigw"]
+    compared = ("nginx", "twisted-tcp", "twisted-site", "twisted-rpr")  # the gw/X columns
+    head = (["workload", "direct", "nginx proxy", "twisted tcp", "twisted site", "twisted rpr",
+             "openaigw"] + ["gw/" + t.replace("twisted-", "") for t in compared]
+            + ["+" + t.replace("twisted-", "") for t in PROXIES])
     lines = [head]
     medians: Dict[str, Dict[str, float]] = {}
     for metric, label, latency in rows:
         m = {t: summary(bench, metric, t, "(max)" in label) for t in TARGETS}
         medians[metric] = m
-        ratios = [m["openaigw"] / m[t] if m[t] else float("nan") for t in ("nginx", "twisted-rpr")]
+        ratios = [m["openaigw"] / m[t] if m[t] else float("nan") for t in compared]
         cells = [label] + [fmt(m[t]) for t in TARGETS] + [fmt(r, 2) for r in ratios]
-        proxies = ("nginx", "twisted-rpr", "openaigw")
-        cells += [fmt(m[t] - m["direct"]) if latency else "" for t in proxies]
+        cells += [fmt(m[t] - m["direct"]) if latency else "" for t in PROXIES]
         lines.append(cells)
     errors = {t: sum(sum(v.get(t, [])) for k, v in bench.raw.items() if k.endswith(".errors"))
               for t in TARGETS}
-    lines.append(["errors (wrk + open loop)"] + [fmt(errors[t]) for t in TARGETS] + [""] * 5)
+    lines.append(["errors (wrk + open loop)"] + [fmt(errors[t]) for t in TARGETS]
+                 + [""] * (len(head) - 1 - len(TARGETS)))
     text = layout(lines)
     return text, medians
 
 
 def features_table(bench: Bench) -> str:
-    """Throughput of the gateway bare, as seeded, and with every check on.  "vs bare" is
-    the median over rounds of each round's ratio: the three run back to back in a
-    round, so the ratio cancels the drift that moves whole rounds on a shared machine."""
+    """Throughput of the gateway bare, as seeded, and with every check on, and of the
+    floors.  "vs bare" is the median over rounds of each round's ratio: they run back
+    to back in a round, so the ratio cancels the drift that moves whole rounds on a
+    shared machine."""
     rows = [["wrk c=%d, same run" % bench.plan.wrk_connections, "req/s", "CPU us/req",
              "vs bare (per round)"]]
     bare = bench.raw.get("feat.rps", {}).get("openaigw-bare", [])
@@ -693,14 +713,12 @@ def main() -> None:
     bench = Bench(plan, tmp)
     try:
         bench.start()
-        print(f"upstream :{bench.ports['direct']}  nginx proxy :{bench.ports['nginx']}  "
-              f"twisted-rpr :{bench.ports['twisted-rpr']}  openaigw :{bench.ports['openaigw']}",
-              flush=True)
+        print("  ".join(f"{t} :{bench.ports[t]}" for t in TARGETS), flush=True)
         if args.only is None:
             bench.rounds("tput", bench.throughput)
-            bench.rounds("rate", bench.fixed_rate)
-            bench.rounds("fast", bench.fast_streams)
-            bench.rounds("slow", bench.slow_streams)
+            bench.rounds("rate", bench.fixed_rate, RELAYS)
+            bench.rounds("fast", bench.fast_streams, RELAYS)
+            bench.rounds("slow", bench.slow_streams, RELAYS)
             bench.rounds("feat", bench.throughput, FEATURE_TARGETS, plan.feature_rounds)
             bench.rounds("hitcpu", bench.throughput, CACHE_TARGETS)
             bench.rounds("cstream", bench.cache_streams, CACHE_TARGETS[1:])

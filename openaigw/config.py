@@ -88,6 +88,7 @@ class UpstreamConfig:
     keepalive_timeout: float = 30.0
     keepalive_pool: int = 64
     max_connections: int = 0  # per node; 0: no limit
+    stream_usage: bool = True  # ask chat/completions streams for their usage chunk
 
 
 @dataclass(frozen=True)
@@ -540,6 +541,7 @@ def _upstream(section: Section) -> UpstreamConfig:
             "timeout_connect", "timeout_read", "retries", "keepalive_timeout",
             "keepalive_pool",
             "max_connections",
+            "stream_usage",
         ),
     )
     name = section.name.partition(":")[2]
@@ -576,6 +578,7 @@ def _upstream(section: Section) -> UpstreamConfig:
         keepalive_timeout=section.number("keepalive_timeout", 30.0),
         keepalive_pool=section.number("keepalive_pool", 64, integer=True),
         max_connections=section.number("max_connections", 0, integer=True),
+        stream_usage=section.flag("stream_usage", True),
     )
 
 

@@ -25,16 +25,29 @@ from openaigw.interfaces import IRequestFilter
 from openaigw.server import GatewayRequest
 from openaigw.telemetry import Telemetry
 from openaigw.upstream import Upstream
-from openaigw.usage import UsageMeter
+from openaigw.usage import UsageMeter, ask_for_usage
 
 log = Logger()
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,100})"')
+_USAGE_APIS = (b"/chat/completions", b"/completions")  # whose streams give usage when asked
 
 
 def _model(exchange: Exchange) -> Optional[str]:
     """The request's model, for logs and metrics: a cheap look at the body's start."""
     match = _MODEL.search(exchange.body, 0, 4096)
     return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def _ask_for_usage(exchange: Exchange) -> None:
+    """Make a chat/completions (or completions) stream ask the upstream for its usage
+    chunk, for exact token counts; a client that did not ask never sees it."""
+    if not exchange.path.partition(b"?")[0].endswith(_USAGE_APIS) or b'"stream"' not in exchange.body:
+        return
+    body = exchange.json()
+    if isinstance(body, dict) and ask_for_usage(body):
+        exchange.set_json(body)
+        exchange.strip_usage = True
+        exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])  # strippable
 
 
 @implementer(IPushProducer)
@@ -202,6 +215,8 @@ class RouteResource(Resource):
     async def _proxy(self, exchange: Exchange) -> None:
         try:
             await run_filters(self._request_filters, exchange)
+            if self._upstream.config.stream_usage:
+                _ask_for_usage(exchange)
             if exchange.cache is not None:  # from the cache, or fetched through it
                 await exchange.cache.serve(exchange, self)
                 return

@@ -10,7 +10,7 @@ import signal
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.resource import IResource
@@ -198,59 +198,69 @@ class GatewayService(Service):
         else:
             self._reactor.callFromThread(self._reactor.stop)
 
-    def reload(self, text: Optional[str] = None) -> bool:
+    def reload(self, text: Optional[str] = None) -> "Deferred[Optional[str]]":
         """Reopen the access log (after logrotate), read the configuration file again
-        (or take ``text``, as the supervisor checked it) and serve new requests with it;
-        False if it was refused."""
+        (or take ``text``, as the supervisor checked it) and serve new requests with it.
+        The outcome (None, or why not) goes to systemd's reload command and is returned."""
         systemd.notify(systemd.reloading())
+        outcome: "Deferred[Optional[str]]" = succeed("the reload failed (see the log)")
         try:
             if self.telemetry.access_log is not None:
                 self.telemetry.access_log.reopen()
-            return self._reload(text)
+            outcome = self._reload(text)
         finally:
+            outcome.addCallback(systemd.reported)
             systemd.notify("READY=1\nSTATUS=serving")
+        return outcome
 
-    def _reload(self, text: Optional[str]) -> bool:
+    def _refused(self, error: str) -> "Deferred[Optional[str]]":
+        log.error("reload refused, still serving the previous configuration: {error}", error=error)
+        return succeed(error)
+
+    def _reload(self, text: Optional[str]) -> "Deferred[Optional[str]]":
+        """Apply the configuration file (or ``text``); fires with None when done, else why
+        not (logged)."""
         path = self.config.path
         try:
             config = configuration.load(path) if text is None else configuration.parse(text, path, os.environ)
         except configuration.ConfigError as e:
-            log.error("reload refused, still serving the previous configuration: {error}", error=str(e))
-            return False
+            return self._refused(str(e))
         if state_changed(self.config.gateway, config.gateway):
-            log.error(
-                "reload refused, still serving the previous configuration: {path}: [gateway]"
-                " state, state_timeout, state_unavailable and state_ca_file change only at a restart",
-                path=config.path,
+            return self._refused(
+                f"{config.path}: [gateway] state, state_timeout, state_unavailable and state_ca_file change only at a restart"
             )
-            return False
         if self.catalog is not None:  # the Admin API's objects join gw.ini's
-            self.catalog.reload(config).addCallback(
-                lambda served: served and self._reloaded(self.config))
-            return True
+            return self.catalog.reload(config).addCallback(self._catalog_reloaded)
         try:
             commit = self.prepare(config)
         except Exception:
             log.failure("reload failed, still serving the previous configuration")
-            return False
-        commit()
+            return succeed("the new configuration could not be applied (see the log)")
+        cannot_listen = commit()
         self._reloaded(config)
-        return True
+        return succeed("reloaded, but cannot listen: " + "; ".join(cannot_listen) if cannot_listen else None)
+
+    def _catalog_reloaded(self, served: bool) -> Optional[str]:
+        if not served:
+            return "the new configuration was refused with the Admin API's objects (see the log)"
+        self._reloaded(self.config)
+        return None
 
     def _reloaded(self, config: Config) -> None:
         log.info("configuration reloaded from {path}: {routes} route(s)", path=config.path,
                  routes=len(config.routes))
 
-    def prepare(self, config: Config, keep_upstreams: bool = False) -> Callable[[], None]:
+    def prepare(self, config: Config, keep_upstreams: bool = False) -> Callable[[], List[str]]:
         """Build what serves ``config``; return the function that swaps it in (for a
         reload, or a change through the Admin API, which keeps unchanged upstreams and
-        their connections; a reload makes all anew, re-reading CA files)."""
+        their connections; a reload makes all anew, re-reading CA files) and says which
+        listeners failed."""
         runtime = dataclasses.replace(self._runtime, keyring=KeyRing())  # the same shared state
         running = self._upstreams if keep_upstreams else None
         root, upstreams = build_routes(config, self._reactor, runtime, self.telemetry, running)
         self._configure_telemetry(config)
 
-        def commit() -> None:
+        def commit() -> List[str]:
             # New requests find the new routes; those in flight keep the objects they hold.
             self.site.resource = root
             self.site.max_body_size = config.gateway.max_body_size
@@ -265,6 +275,7 @@ class GatewayService(Service):
             for name, upstream in old_upstreams.items():
                 if upstreams.get(name) is not upstream:
                     upstream.close()  # idle connections; busy ones finish their request
+            return [failure.getErrorMessage() for failure in failures]
 
         return commit
 

@@ -47,7 +47,12 @@ MAX_RESTART_DELAY = 30.0
 STABLE_SECONDS = 10.0  # a worker up this long has its back-off reset
 ANSWER_TIMEOUT = 10.0  # seconds a worker has to answer a command (metrics, reload)
 KILL_GRACE = 5.0  # seconds after shutdown_timeout before a worker that will not exit is killed
-_SYSTEMD_ENVIRON = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID")
+# What only the supervisor may use: the notify socket, systemd's sockets, the watchdog,
+# and the runtime directory where the reload command reads the outcome.
+_SYSTEMD_ENVIRON = (
+    "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
+    "RUNTIME_DIRECTORY",
+)
 
 
 class WorkerProcess(ProcessProtocol):
@@ -335,31 +340,35 @@ class Supervisor(Service):
     # Reload
 
     async def reload(self) -> None:
-        """Check the configuration file again; if valid, every worker reloads it."""
+        """Check the configuration file again; if valid, every worker reloads it.  The
+        outcome goes to systemd's reload command."""
         systemd.notify(systemd.reloading())
+        error: Optional[str] = "the reload failed (see the log)"
         try:
-            await self._reload()
+            error = await self._reload()
         finally:
+            systemd.report_reload(error)
             systemd.notify("READY=1\nSTATUS=serving")
 
-    async def _reload(self) -> None:
+    async def _reload(self) -> Optional[str]:
         try:
             text = configuration.read(self.config.path)
             config = configuration.parse(text, self.config.path, os.environ)
             self._check_unchanged(config)
         except configuration.ConfigError as e:
             log.error("reload refused, still serving the previous configuration: {error}", error=str(e))
-            return
+            return str(e)
         self.config, self._text = config, text
         answers = await DeferredList(
             [w.request("reload", text=text) for w in self._workers.values()], consumeErrors=True
         )
-        failed = sum(1 for ok, answer in answers if not (ok and answer.get("reloaded")))
+        failed = sum(1 for ok, answer in answers if not ok or answer.get("error"))
         if failed:
             log.error("reload failed in {failed} worker(s): see their log lines", failed=failed)
-        else:
-            log.info("configuration reloaded from {path} by {count} worker(s): {routes} route(s)",
-                     path=config.path, count=len(answers), routes=len(config.routes))
+            return f"the reload failed in {failed} of {len(answers)} worker(s) (see the log)"
+        log.info("configuration reloaded from {path} by {count} worker(s): {routes} route(s)",
+                 path=config.path, count=len(answers), routes=len(config.routes))
+        return None
 
     def _check_unchanged(self, config: Config) -> None:
         old, new = self.config.gateway, config.gateway

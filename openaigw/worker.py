@@ -120,12 +120,13 @@ class Worker:
         self.exit_code = 0
         self._stopping = False
 
-    def handle(self, message: Dict[str, Any]) -> Dict[str, Any]:
+    def handle(self, message: Dict[str, Any]) -> Any:
+        """The answer to ``message`` (a dict, or a Deferred of one)."""
         op = message.get("op")
         if op == "start" and self.service is None:
             return self._start(message)
         if op == "reload" and self.service is not None:
-            return {"reloaded": self.service.reload(message["text"])}
+            return self.service.reload(message["text"]).addCallback(lambda error: {"error": error})
         if op == "metrics":
             metrics = self.service.telemetry.metrics if self.service is not None else None
             return {"families": snapshot(metrics.registry) if metrics is not None else []}

@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 
 from openaigw import config
 from openaigw.admin.catalog import Catalog
-from openaigw.admin.resource import AdminResource, merge
+from openaigw.admin.resource import merge
 from openaigw.admin.store import FileStore, MemoryStore, StateError, encode
 from openaigw.interfaces import IObjectStore
 from openaigw.plugins.limits import LimitKey

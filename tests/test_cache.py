@@ -284,7 +284,8 @@ def test_cut_stream_not_stored():
 
 def test_usage_chunk_stripped_or_kept_on_replay():
     """With a token limit the stored stream holds the usage chunk the gateway asked for;
-    a hit strips it unless the client asked for usage, and charges no tokens."""
+    a hit strips it for a client that did not ask, and charges no tokens.  A client
+    that asks for usage has its own entry (stream_options are part of the key)."""
     config = CONFIG.replace("cache.ttl = 60", "cache.ttl = 60\nai-rate-limiting.limit = 100\n"
                             "ai-rate-limiting.time_window = 60\nai-rate-limiting.key = route")
     gw = Gateway(config)
@@ -298,6 +299,8 @@ def test_usage_chunk_stripped_or_kept_on_replay():
     assert gw.records[-1].tokens_saved == 5
     asked = json.loads(STREAM_BODY)
     asked["stream_options"] = {"include_usage": True}
+    _, headers, replayed = answered(gw, json.dumps(asked).encode(), reply=stream_reply("a", usage=True))
+    assert headers[b"x-cache-status"] == b"MISS" and b"".join(replayed) == b"".join(events("a", usage=True))
     _, headers, replayed = answered(gw, json.dumps(asked).encode())
     assert headers[b"x-cache-status"] == b"HIT" and replayed == events("a", usage=True)
 

@@ -7,7 +7,6 @@ import os
 import signal
 import ssl
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ import openai
 import pytest
 
 from openaigw.testing import free_port, start_gateway, stop_process
+from tests.test_integration_lifecycle import Stream
 
 ADMIN_KEY = "admin-canary-7f3a9c1e5b2d4680"
 CONSUMER_KEY = "sk-consumer-canary-4b1d8e2f6a9c"
@@ -35,13 +35,14 @@ class Gateway:
 
     def __init__(self, directory, keyed: bool) -> None:
         self.directory = directory
-        self.port, self.admin_port = free_port(), free_port()
+        self.port, self.admin_port, self.status_port = free_port(), free_port(), free_port()
         self.state = directory / "admin.json"
         key = "admin_key = $ENV://ADMIN_KEY\n" if keyed else ""
         self.config = f"""
 [gateway]
 listen = tcp:port={self.port}:interface=127.0.0.1
 admin = tcp:port={self.admin_port}:interface=127.0.0.1
+status = tcp:port={self.status_port}:interface=127.0.0.1
 {key}admin_state = {self.state}
 shutdown_timeout = 3
 """
@@ -144,6 +145,10 @@ def test_status_codes_and_shapes(keyed):
     assert code == 200 and body["total"] == len(body["list"]) >= 1
     assert keyed.admin("GET", "upstreams", key="wrong-key") == (401, {"error_msg": "failed to check token"})
     assert keyed.admin("DELETE", "upstreams/up1") == (200, {"deleted": "up1", "key": "/apisix/upstreams/up1"})
+    with urllib.request.urlopen(f"http://127.0.0.1:{keyed.status_port}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert 'openaigw_admin_requests_total{method="PUT",resource="upstreams",status="201"} 1.0' in metrics
+    assert 'openaigw_admin_requests_total{method="GET",resource="upstreams",status="401"} 1.0' in metrics
 
 
 def test_consumer_calls_with_its_key_and_hits_its_limit(keyed, pki, fake_node):
@@ -170,32 +175,6 @@ def test_consumer_calls_with_its_key_and_hits_its_limit(keyed, pki, fake_node):
     for path in ("consumers", "consumers/team-a"):
         assert CONSUMER_KEY not in json.dumps(keyed.admin("GET", path)[1])
     assert ADMIN_KEY not in json.dumps(keyed.admin("GET", "routes")[1])
-
-
-class Stream(threading.Thread):
-    """Reads a streamed completion in the background."""
-
-    def __init__(self, port: int, chunks: int, interval_ms: int) -> None:
-        super().__init__(daemon=True)
-        body = json.dumps({"model": "m", "stream": True, "messages": MESSAGES}).encode()
-        self.request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-            headers={"X-Fake-Chunks": str(chunks), "X-Fake-Interval-Ms": str(interval_ms)})
-        self.events: list = []
-        self.error = None
-        self.started_reading = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        try:
-            with urllib.request.urlopen(self.request, timeout=30) as response:
-                for line in response:
-                    if line.startswith(b"data: "):
-                        self.events.append(line)
-                        self.started_reading.set()
-        except Exception as e:  # noqa: BLE001 - the test inspects it
-            self.error = e
-            self.started_reading.set()
 
 
 def test_stream_survives_put_and_delete_restart_keeps_objects(pki, fake_node, tmp_path):

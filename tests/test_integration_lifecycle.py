@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -12,8 +14,10 @@ import urllib.request
 
 import pytest
 
+from openaigw import systemd
 from openaigw.testing import free_port, start_gateway, stop_process
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(systemd.__file__)))
 MESSAGES = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
 
 
@@ -137,3 +141,44 @@ def test_stop_aborts_what_outlives_shutdown_timeout(pki, fake_node, tmp_path):
         assert stream.error is not None and len(stream.events) < 100
     finally:
         stop_process(proc)
+
+
+def test_reload_command_fails_with_the_daemons_reason(pki, fake_node, tmp_path):
+    """ExecReload's `python3 -m openaigw.systemd reload PID` exits 1 with the daemon's
+    reason for a broken file (the daemon goes on serving), 0 for a valid one."""
+    port = free_port()
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(run)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    proc = start_gateway(tmp_path, config(port, fake_node, pki), port, env=env)
+
+    def reload() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "openaigw.systemd", "reload", str(proc.pid)],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    try:
+        (tmp_path / "gw.ini").write_text(config(port, fake_node, pki, "[route:x]\nuri = /x\nupstream = nowhere\n"))
+        done = reload()
+        assert done.returncode == 1
+        assert done.stderr.startswith("openaigw: reload failed: ") and "no section [upstream:nowhere]" in done.stderr
+        assert status_of(f"http://127.0.0.1:{port}/v1/models") == 404  # still serving
+        (tmp_path / "gw.ini").write_text(config(port, fake_node, pki, "[route:models]\nuri = /v1/models\nupstream = fake\n"))
+        done = reload()
+        assert (done.returncode, done.stderr) == (0, "")
+        assert status_of(f"http://127.0.0.1:{port}/v1/models") == 200
+    finally:
+        stop_process(proc)
+
+
+def test_reload_command_times_out(tmp_path):
+    """A daemon that gives no outcome fails the reload once the timeout is over."""
+    ignoring = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                 "signal.signal(signal.SIGHUP, signal.SIG_IGN); print(1, flush=True); time.sleep(30)"],
+                                stdout=subprocess.PIPE)
+    try:
+        ignoring.stdout.readline()  # SIGHUP is ignored from here on
+        with pytest.raises(TimeoutError, match="no answer from process"):
+            systemd.reload(ignoring.pid, str(tmp_path), timeout=0.5)
+    finally:
+        stop_process(ignoring)

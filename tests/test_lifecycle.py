@@ -109,6 +109,22 @@ def test_reload_valid_invalid_and_listeners(tmp_path, notifications, monkeypatch
     assert list(service._ports) == [("listen", "tcp:port=0:interface=127.0.0.1")]
 
 
+def test_reload_outcome_for_the_reload_command(tmp_path, monkeypatch):
+    """Under a unit with RuntimeDirectory=, each reload writes its outcome for
+    ``python3 -m openaigw.systemd reload``: ok, or failed and why."""
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    monkeypatch.setenv("KEY", "sk-real")
+    service, _, path = start(tmp_path)
+    status = tmp_path / systemd.RELOAD_STATUS
+    write(path, BASE_CONFIG + "bogus = 1\n")
+    service.reload()
+    outcome, why = status.read_text().split("\n", 1)
+    assert outcome == "failed" and "bogus: unknown key" in why
+    write(path, BASE_CONFIG)
+    service.reload()
+    assert status.read_text() == "ok\n"
+
+
 def test_stop_notifies_and_drains(tmp_path, notifications):
     """Stopping tells systemd STOPPING=1, closes the listeners and waits for connections."""
     service, reactor, _ = start(tmp_path)

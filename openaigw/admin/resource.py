@@ -87,6 +87,7 @@ class AdminResource(Resource):
         self._catalog = catalog
         self._telemetry = telemetry
         self.stats = AdminStats()
+        self.stats.register(self._registry())
 
     def _registry(self) -> Any:
         metrics = getattr(self._telemetry, "metrics", None)

@@ -1,9 +1,9 @@
 """ai-rate-limiting: tokens per window, checked before a request and charged after it.
 
 The charge is the upstream's own usage count: read from JSON answers and from the
-usage chunk of streams.  A stream whose client did not ask for usage is made to ask,
-and the extra chunk is kept from the client.  An answer cut short is charged an
-estimate, flagged in the log.
+usage chunk of streams (which the request path asks for, see ``stream_usage``).  An
+answer without it (cut short, or from an upstream with ``stream_usage = off``) is
+charged an estimate, flagged in the log.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from openaigw.plugins.limits import (
     report,
     required_number,
 )
-from openaigw.usage import ask_for_usage
 
 log = Logger()
 STRATEGIES = ("total_tokens", "prompt_tokens", "completion_tokens")
@@ -57,10 +56,6 @@ class TokenFilter(LimitFilter):
             raise self._rejected("tokens", f"{s.limit} {s.strategy} per {s.time_window}s", reset, "tokens")
         # Usage is read from the bytes as they pass: ask for them uncompressed.
         exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])
-        body = exchange.json() if b'"stream"' in exchange.body else None  # parse streams only
-        if isinstance(body, dict) and ask_for_usage(body):
-            exchange.set_json(body)
-            exchange.strip_usage = True
         exchange.on_complete(lambda done: self._charge(key, done))
 
     def _charge(self, key: str, exchange: Exchange) -> None:

@@ -1,0 +1,193 @@
+"""Exact tokens for every stream: the gateway asks chat/completions streams for their usage
+chunk, keeps it from a client that did not ask, and leaves requests alone with
+``stream_usage = off``."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import urllib.request
+
+import pytest
+
+from openaigw.testing import free_port, start_gateway, stop_process
+
+from tests.memory import BASE_CONFIG, Gateway, post
+
+CHAT = b"/v1/chat/completions"
+STREAM = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi there"}]}'
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+OFF = BASE_CONFIG.replace("retries = 1\n", "retries = 1\nstream_usage = off\n")
+
+
+def sse(*events: dict) -> bytes:
+    return b"".join(b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n" for e in events)
+
+
+def chunked(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def answer_with_usage(upstream) -> None:
+    """A stream as OpenAI sends it when asked for usage: "usage": null in every chunk,
+    then a chunk with no choices and the usage."""
+    chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": None}
+    usage = {"id": "c", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+    upstream.send(STREAM_HEAD + chunked(sse(chunk, chunk)) + chunked(sse(usage) + b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+
+def sent_body(gw: Gateway) -> bytes:
+    return gw.upstream(0).received().split(b"\r\n\r\n", 1)[1]
+
+
+def test_stream_without_a_token_limit_gets_exact_usage():
+    """No ai-rate-limiting on the route: the upstream is asked for usage (uncompressed, to
+    keep the chunk from the client) and the access record has its exact count."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, STREAM, b"Accept-Encoding: gzip\r\n"))
+    head, body = gw.upstream(0).received().split(b"\r\n\r\n", 1)
+    assert json.loads(body)["stream_options"] == {"include_usage": True}
+    assert b"Accept-Encoding: identity" in head and b"gzip" not in head
+    answer_with_usage(gw.upstream(0))
+    usage = gw.records[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, usage.estimated) == (7, 3, 10, False)
+
+
+def test_client_that_did_not_ask_never_sees_the_usage_chunk():
+    """The client gets the stream it asked for: no usage chunk, no "usage": null fields."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, STREAM))
+    answer_with_usage(gw.upstream(0))
+    relayed = client.value().split(b"\r\n\r\n", 1)[1]
+    assert b"usage" not in relayed
+    assert relayed.count(b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n') == 2
+    assert relayed.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+
+
+def test_client_that_asked_gets_it_untouched():
+    """A client asking for include_usage has its request and the usage chunk as they are."""
+    gw = Gateway()
+    body = b'{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}'
+    _, client = gw.client(post(CHAT, body))
+    assert sent_body(gw) == body
+    answer_with_usage(gw.upstream(0))
+    assert client.value().count(b'"usage":') == 3 and not gw.records[-1].usage.estimated
+
+
+@pytest.mark.parametrize("path", [b"/v1/completions", b"/v1/chat/completions?api-version=1"])
+def test_completions_streams_are_asked_too(path):
+    """Completions streams (and chat paths with a query string) ask for usage as well."""
+    gw = Gateway()
+    gw.client(post(path, b'{"model":"m","stream":true,"prompt":"hi"}'))
+    assert json.loads(sent_body(gw))["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("path, body", [
+    (b"/v1/images/generations", b'{"model":"gpt-image-1","stream":true,"prompt":"a cat"}'),
+    (b"/v1/responses", b'{"model":"m","stream":true,"input":"hi"}'),
+    (CHAT, b'{"model":"m","stream":false,"messages":[]}'),
+])
+def test_other_requests_are_left_alone(path, body):
+    """Other APIs (which may reject stream_options) and non-streams are sent as written."""
+    gw = Gateway()
+    gw.client(post(path, body, b"Accept-Encoding: gzip\r\n"))
+    assert sent_body(gw) == body and b"Accept-Encoding: gzip" in gw.upstream(0).received()
+
+
+def test_stream_usage_off_leaves_the_request_untouched():
+    """With stream_usage = off the upstream gets the client's bytes; the stream's tokens
+    are estimated, and the access record says so."""
+    gw = Gateway(OFF)
+    body = b'{ "model": "m", "stream": true, "messages": [{"role": "user", "content": "hi there"}] }'
+    _, client = gw.client(post(CHAT, body, b"Accept-Encoding: gzip\r\n"))
+    assert sent_body(gw) == body and b"Accept-Encoding: gzip" in gw.upstream(0).received()
+    chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}}]}
+    gw.upstream(0).send(STREAM_HEAD + chunked(sse(chunk, chunk) + b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    assert client.value().count(b'"content":"hi"') == 2
+    assert gw.records[-1].usage.estimated
+
+
+def test_stream_usage_must_be_on_or_off():
+    """stream_usage is an on/off switch of [upstream:NAME]."""
+    from openaigw.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=r"\[upstream:up\] stream_usage: 'maybe' is not on/off"):
+        parse(OFF.replace("stream_usage = off", "stream_usage = maybe"), "gw.ini", {"KEY": "k"})
+
+
+def test_access_log_of_real_streams(pki, fake_node, tmp_path):
+    """Through a real twistd and the fake OpenAI upstream: a stream on a route without
+    ai-rate-limiting logs the upstream's exact tokens, and the client sees no usage
+    chunk; with stream_usage = off the upstream gets the client's body and the log
+    says the tokens are estimated."""
+    port = free_port()
+    config = f"""
+[gateway]
+listen = tcp:port={port}:interface=127.0.0.1
+access_log = {tmp_path}/access.log
+
+[upstream:exact]
+nodes = 127.0.0.1:{fake_node}
+ca_file = {pki.ca}
+
+[upstream:asis]
+nodes = 127.0.0.1:{fake_node}
+ca_file = {pki.ca}
+stream_usage = off
+
+[route:exact]
+uri = /v1/chat/completions
+upstream = exact
+
+[route:asis]
+uri = /asis/chat/completions
+upstream = asis
+proxy-rewrite.uri = /v1/chat/completions
+"""
+    proc = start_gateway(tmp_path, config, port, env=dict(os.environ))
+    try:
+        relayed = {}
+        for route in ("exact", "asis"):
+            path = "/v1/chat/completions" if route == "exact" else "/asis/chat/completions"
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=STREAM,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as r:
+                relayed[route] = r.read()
+        with urllib.request.urlopen(f"https://127.0.0.1:{fake_node}/_fake/requests", timeout=10,
+                                    context=ssl.create_default_context(cafile=pki.ca)) as r:
+            bodies = [json.loads(seen["body"]) for seen in json.load(r)[-2:]]
+    finally:
+        stop_process(proc)
+    assert b"usage" not in relayed["exact"] and relayed["exact"].endswith(b"data: [DONE]\n\n")
+    assert bodies[0]["stream_options"] == {"include_usage": True}
+    assert bodies[1] == json.loads(STREAM)
+    lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    exact, asis = lines[-2:]
+    assert (exact["route"], exact["total_tokens"], exact["tokens_estimated"]) == ("exact", 7, False)
+    assert (asis["route"], asis["tokens_estimated"]) == ("asis", True)
+
+
+def test_cached_stream_keeps_usage_from_the_client():
+    """With cache = on, the stored stream is the one fetched with usage: a hit replays it
+    to a client that did not ask without the usage chunk, and counts the exact tokens it
+    saved."""
+    from tests.test_cache import CONFIG as CACHED, split
+
+    gw = Gateway(CACHED)
+    for hit in (False, True):
+        _, client = gw.client(post(CHAT, STREAM))
+        if not hit:
+            assert json.loads(sent_body(gw))["stream_options"] == {"include_usage": True}
+            answer_with_usage(gw.upstream(0))
+        status, headers, chunks = split(client.value())
+        assert headers[b"x-cache-status"] == (b"HIT" if hit else b"MISS")
+        relayed = b"".join(chunks)
+        assert b"usage" not in relayed and relayed.count(b'"content":"hi"') == 2
+        assert relayed.endswith(b"data: [DONE]\n\n")
+        record = gw.records[-1]
+        if hit:  # tokens saved, not used
+            assert (record.usage, record.tokens_saved) == (None, 10)
+        else:
+            assert (record.usage.total_tokens, record.usage.estimated) == (10, False)
+    assert gw.requests_sent() == 1
