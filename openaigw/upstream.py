@@ -239,8 +239,7 @@ _LOG_FORMATS = {
     STALE: "upstream {upstream} node {node}: connection lost before the response (reused connection): {reason}",
     CUT: "upstream {upstream} node {node}: connection lost in the answer's head: {reason}",
 }
-_CANNOT_CONNECT = "upstream {upstream} node {node}: cannot connect: {reason}"
-_LOG_FORMATS[BUSY] = _CANNOT_CONNECT
+_CANNOT_CONNECT = "upstream {upstream} node {node}: cannot connect: {reason}"  # the other kinds
 
 
 class Upstream:
