@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
 import time
 from typing import Any
@@ -120,6 +122,28 @@ class ClientTests(RedisTestCase):
         self.server.start()
         await until(lambda: client.available, timeout=5)
         self.assertEqual(await client.execute("PING"), b"PONG")
+
+    async def _stalled(self) -> None:
+        client = self.client
+        self.assertEqual(await client.execute("PING"), b"PONG")
+        os.kill(self.server.proc.pid, signal.SIGSTOP)  # alive, but answering nothing
+        try:
+            started = time.monotonic()
+            with self.assertRaises(RedisUnavailable):
+                await client.execute("PING")
+            self.assertLess(time.monotonic() - started, 2)  # the timeout (0.25 s), not a hang
+            self.assertFalse(client.available)
+            with self.assertRaises(RedisUnavailable):
+                await client.execute("PING")
+        finally:
+            os.kill(self.server.proc.pid, signal.SIGCONT)
+        await until(lambda: client.available, timeout=10)
+        self.assertEqual(await client.execute("PING"), b"PONG")
+
+    def test_stalled_server(self) -> Any:
+        """redis-server stopped (SIGSTOP): commands fail after state_timeout, and the
+        client is available again once it runs on."""
+        return Deferred.fromCoroutine(self._stalled())
 
     def test_restart(self) -> Any:
         """redis-server stopped: commands fail at once; started again: the client reconnects."""

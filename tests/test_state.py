@@ -110,3 +110,17 @@ def test_state_change_needs_a_restart():
     assert not state_changed(base, parse(config(REDIS), "gw.ini", {}).gateway)
     assert state_changed(base, parse(config(), "gw.ini", {}).gateway)
     assert state_changed(base, parse(config(REDIS + "\nstate_unavailable = allow"), "gw.ini", {}).gateway)
+
+
+def test_reload_refuses_another_state(tmp_path):
+    """SIGHUP with another state keeps serving the running configuration."""
+    path = tmp_path / "gw.ini"
+    path.write_text(config(REDIS))
+    service = GatewayService(parse(path.read_text(), str(path), {}), MemoryReactorClock())
+    before, client = service.config, service._runtime.redis
+    path.write_text(config("state = redis://127.0.0.1:6380/0", LIMITS["limit-req"]))
+    service._reload()
+    assert service.config is before and service._runtime.redis is client
+    path.write_text(config(REDIS, LIMITS["limit-req"]))  # the same state: reloaded
+    service._reload()
+    assert service.config is not before and service._runtime.redis is client
