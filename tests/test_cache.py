@@ -606,3 +606,27 @@ def test_decoded_entries_held_only_while_the_memory_store_holds_them():
     for _ in range(3):
         assert answered(gw)[1][b"x-cache-status"] == b"HIT"
     assert not gw.runtime.responses._decoded
+
+
+def test_slow_leader_does_not_stall_followers_waiting_for_the_whole_answer():
+    """The leader's client not reading keeps the upstream read while others wait for the
+    whole (non-streamed) answer, which is held anyway; once nobody waits, it pauses it."""
+    gw = Gateway(CONFIG)
+    _, leader = gw.client(post(CHAT, BODY))
+    _, follower = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream(0)
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(ANSWER) + ANSWER[:10])
+    leader.producer.pauseProducing()  # the leader's socket is full
+    assert upstream.transport.producerState == "producing"
+    upstream.send(ANSWER[10:])
+    _, headers, body = split(follower.value())
+    assert (headers[b"x-cache-status"], body) == (b"COALESCED", [ANSWER])
+
+    gw = Gateway(CONFIG)
+    _, leader = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream(0)
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(ANSWER) + ANSWER[:10])
+    leader.producer.pauseProducing()
+    assert upstream.transport.producerState == "paused"  # alone: backpressure as without the cache
