@@ -177,6 +177,20 @@ def test_not_json_and_not_an_object(admin):
     assert admin.call("PUT", "/apisix/admin/routes/a", [1, 2])[1] == {"error_msg": "invalid request body: expected a JSON object"}
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"uri": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # nested past Python's recursion limit
+    b'{"uri": "/v1/x", "upstream": {"nodes": {"h:443": 1}}, "name": "\\ud800"}',  # a lone surrogate
+    b'{"uri": "/v1/\\udfff", "upstream": {"nodes": {"h:443": 1}}}',
+    b'{"uri": "/v1/x", "upstream": {"nodes": {"\\ud800:443": 1}}}',
+], ids=["deep", "surrogate-name", "surrogate-uri", "surrogate-node"])
+def test_body_json_cannot_be_used_is_a_400(admin, raw):
+    """JSON that Python parses but cannot use (too deep, lone UTF-16 surrogates) is a 400, not a 500."""
+    code, answer = admin.call("PUT", "/apisix/admin/routes/a", raw=raw)
+    assert (code, list(answer)) == (400, ["error_msg"])
+    assert answer["error_msg"].startswith("invalid request body")
+    assert admin.routes() == ["file-route"]
+
+
 def test_unresolvable_secret_is_refused_resolvable_is_kept_as_written():
     """A $ENV:// reference that cannot be resolved is a 400 naming it; one that can is
     stored as written and applied resolved."""

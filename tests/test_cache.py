@@ -539,3 +539,94 @@ def test_admin_api_configures_the_cache():
     route["plugins"]["cache"] = {"size": 1}
     code, body = admin.call("PUT", "/apisix/admin/routes/r", route)
     assert code == 400 and "plugins.cache.size" in body["error_msg"]
+
+
+def test_close_delimited_answer_cut_by_a_clean_close_not_stored():
+    """An answer of no declared length that ends with the connection, cut short: the
+    client gets what came, the next request goes upstream (no cut JSON from the cache)."""
+    gw = Gateway(CONFIG)
+    _, client = gw.client(post(CHAT, BODY))
+    gw.upstream(0).send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + ANSWER[:20])
+    gw.upstream(0).protocol.connectionLost(Failure(ConnectionDone()))
+    assert ANSWER[:20] in client.value()
+    _, client = gw.client(post(CHAT, BODY))
+    assert client.value() == b""  # waiting for the upstream
+    assert gw.requests_sent() == 2
+
+
+def test_responses_stream_stored_only_after_response_completed():
+    """A Responses API stream is whole after its response.completed event, not after
+    an event that merely mentions it."""
+    body = b'{"model": "m", "stream": true, "input": "hi"}'
+    path = b"/v1/responses"
+    gw = Gateway(CONFIG)
+    mention = (b'event: response.output_text.delta\n'
+               b'data: {"type":"response.output_text.delta","delta":"response.completed"}\n\n')
+    _, client = gw.client(post(path, body))
+    gw.upstream(0).send(STREAM_HEAD + chunked(mention) + b"0\r\n\r\n")
+    _, client = gw.client(post(path, body))
+    assert client.value() == b""  # not from the cache
+    completed = b'event: response.completed\ndata: {"type":"response.completed","response":{}}\n\n'
+    gw.upstream(-1).send(STREAM_HEAD + chunked(mention) + chunked(completed) + b"0\r\n\r\n")
+    _, client = gw.client(post(path, body))
+    assert split(client.value())[1][b"x-cache-status"] == b"HIT"
+    assert gw.requests_sent() == 2
+
+
+@implementer(ICacheStore)
+class CopyingStore:
+    """Returns a new copy of a value on each read, as a Redis store does."""
+
+    def __init__(self, clock) -> None:
+        self._memory = MemoryCacheStore(clock, 1 << 20)
+
+    def get(self, key):
+        return self._memory.get(key).addCallback(lambda value: value and bytes(bytearray(value)))
+
+    def set(self, key, value, ttl):
+        return self._memory.set(key, value, ttl)
+
+
+def test_decoded_entries_held_only_while_the_memory_store_holds_them():
+    """Hits decode an entry once, but the decoded copies are bounded by cache.memory too
+    (not 1024 entries of any size), and a store that returns copies keeps none."""
+    gw = Gateway(CONFIG)
+    responses = gw.runtime.responses
+    responses.store.resize(4096)
+    big = json.dumps({"text": "x" * 1500}).encode()
+    for n in range(6):
+        body = BODY.replace(b"hello there", b"hello %d" % n)
+        answered(gw, body, reply=response(body=big), index=0)
+        assert answered(gw, body)[1][b"x-cache-status"] == b"HIT"
+    assert len(responses.store) == 2
+    assert sum(entry.size for _, entry in responses._decoded.values()) <= responses.store.max_bytes
+    gw = Gateway(CONFIG)
+    gw.runtime.responses.store = CopyingStore(gw.reactor)
+    answered(gw, reply=response(body=ANSWER))
+    for _ in range(3):
+        assert answered(gw)[1][b"x-cache-status"] == b"HIT"
+    assert not gw.runtime.responses._decoded
+
+
+def test_slow_leader_does_not_stall_followers_waiting_for_the_whole_answer():
+    """The leader's client not reading keeps the upstream read while others wait for the
+    whole (non-streamed) answer, which is held anyway; once nobody waits, it pauses it."""
+    gw = Gateway(CONFIG)
+    _, leader = gw.client(post(CHAT, BODY))
+    _, follower = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream(0)
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(ANSWER) + ANSWER[:10])
+    leader.producer.pauseProducing()  # the leader's socket is full
+    assert upstream.transport.producerState == "producing"
+    upstream.send(ANSWER[10:])
+    _, headers, body = split(follower.value())
+    assert (headers[b"x-cache-status"], body) == (b"COALESCED", [ANSWER])
+
+    gw = Gateway(CONFIG)
+    _, leader = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream(0)
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(ANSWER) + ANSWER[:10])
+    leader.producer.pauseProducing()
+    assert upstream.transport.producerState == "paused"  # alone: backpressure as without the cache

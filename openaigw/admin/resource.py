@@ -250,6 +250,12 @@ def _body(request: IRequest) -> Dict[str, Any]:
         body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise AdminError(400, "invalid request body: not JSON") from None
+    except RecursionError:
+        raise AdminError(400, "invalid request body: nested too deep") from None
+    try:  # JSON's \uD800-style escapes may leave lone surrogates: not text
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise AdminError(400, "invalid request body: a string holds a lone UTF-16 surrogate") from None
     if not isinstance(body, dict):
         raise AdminError(400, "invalid request body: expected a JSON object")
     return body

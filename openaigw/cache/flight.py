@@ -128,6 +128,7 @@ class Flight:
 
     def leave_waiting(self, waiting: "Deferred[bool]") -> None:
         self._waiting = [(d, leader) for d, leader in self._waiting if d is not waiting]
+        self._update_producer()
         self._check_wanted()
 
     def _release(self) -> None:
@@ -140,6 +141,7 @@ class Flight:
             elif not waiting.called:
                 waiting.callback(ready)
         self._waiting = still
+        self._update_producer()
 
     def subscribe(self, request: Any, meter: Any = None, on_cut: Any = None) -> "Subscriber":
         """Write this answer's body (from its start) to ``request`` (a GatewayRequest);
@@ -249,11 +251,12 @@ class Flight:
             self._base = low
 
     def _update_producer(self) -> None:
-        """Pause the upstream while every subscriber is paused; resume when one is not."""
+        """Pause the upstream while every subscriber is paused (and nobody waits for
+        an answer held whole anyway); resume when one is not."""
         producer = self._producer
         if producer is None or not self._subscribers:
             return
-        all_paused = all(s.paused for s in self._subscribers)
+        all_paused = all(s.paused for s in self._subscribers) and not (self._waiting and self.recording)
         if all_paused and not self._producer_paused:
             self._producer_paused = True
             producer.pauseProducing()

@@ -3,6 +3,7 @@ flight (COALESCED), or from the upstream (MISS), whose complete 200 is then stor
 
 from __future__ import annotations
 
+import json
 import math
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
@@ -15,6 +16,7 @@ from twisted.web.http_headers import Headers
 from openaigw import errors
 from openaigw.cache.entry import Entry, forbids_storing, stored_headers
 from openaigw.cache.flight import Flight, Head
+from openaigw.cache.store import MemoryCacheStore
 from openaigw.exchange import Exchange
 from openaigw.interfaces import ICacheStore
 from openaigw.sse import EventSplitter, event_data
@@ -23,7 +25,7 @@ from openaigw.usage import UsageMeter, estimate_prompt_tokens
 log = Logger()
 STATUS = b"X-Cache-Status"
 _COMPLAINT_SECONDS = 60.0  # a failing store is logged at most this often
-_DECODED = 1024  # entries kept decoded, for stores that return the same bytes each time
+_DECODED = 1024  # entries kept decoded, with the memory store (it returns the same bytes each time)
 
 
 class ResponseCache:
@@ -36,6 +38,7 @@ class ResponseCache:
         self._next_complaint = 0.0
         self._failures = 0  # since the last complaint
         self._decoded: "OrderedDict[str, Tuple[bytes, Entry]]" = OrderedDict()
+        self._decoded_bytes = 0
 
     def size_for(self, config: Any) -> None:
         """Bound an in-process store by the largest ``cache.memory`` of ``config``'s
@@ -56,18 +59,27 @@ class ResponseCache:
         except Exception as e:
             self._failed(e)
             return None
+        known = self._decoded.pop(key, None)
+        if known is not None:
+            self._decoded_bytes -= known[1].size
+            if known[0] is data:  # the memory store's very value
+                self._remember(key, data, known[1])
+                return known[1]
         if data is None:
             return None
-        known = self._decoded.get(key)
-        if known is not None and known[0] is data:  # the memory store's very value
-            self._decoded.move_to_end(key)
-            return known[1]
         entry = Entry.decode(data)
-        if entry is not None:
-            self._decoded[key] = (data, entry)
-            if len(self._decoded) > _DECODED:
-                self._decoded.popitem(last=False)
+        if entry is not None and isinstance(self.store, MemoryCacheStore):
+            self._remember(key, data, entry)
         return entry
+
+    def _remember(self, key: str, data: bytes, entry: Entry) -> None:
+        """Keep ``entry`` decoded (for as long as the memory store returns ``data``):
+        at most ``_DECODED`` entries, and the store's own bound in bytes."""
+        self._decoded[key] = (data, entry)
+        self._decoded_bytes += entry.size
+        while len(self._decoded) > _DECODED or self._decoded_bytes > self.store.max_bytes:
+            _, (_, dropped) = self._decoded.popitem(last=False)
+            self._decoded_bytes -= dropped.size
 
     def put(self, key: str, entry: Entry, ttl: float) -> None:
         """Store ``entry`` (in the background: a failure is logged and forgotten)."""
@@ -100,10 +112,19 @@ def stream_finished(chunks: List[bytes]) -> Optional[List[bytes]]:
     events = splitter.feed(b"".join(chunks))
     if splitter.rest().strip() or not events:
         return None
-    last = events[-1]
-    if event_data(last) == b"[DONE]" or b"response.completed" in last:
+    data = event_data(events[-1])
+    if data == b"[DONE]" or (_json_object(data) or {}).get("type") == "response.completed":
         return events
     return None
+
+
+def _json_object(data: Optional[bytes]) -> Optional[Dict[str, Any]]:
+    """``data`` parsed, if it is a JSON object; else None."""
+    try:
+        value = json.loads(data) if data else None
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class CachedRequest:
@@ -237,6 +258,8 @@ class CachedRequest:
         chunks = stream_finished(flight.chunks) if flight.streamed else [b"".join(flight.chunks)]
         if chunks is None:
             return None
+        if not flight.streamed and not isinstance(flight.length, int) and _json_object(chunks[0]) is None:
+            return None  # (of no declared length, it may have been cut by a clean close)
         meter = UsageMeter(head.headers.getRawHeaders(b"content-type", [b""])[0], b"", False)
         for chunk in chunks:
             meter.feed(chunk)
