@@ -217,7 +217,7 @@ class GatewayService(Service):
         log.error("reload refused, still serving the previous configuration: {error}", error=error)
         return succeed(error)
 
-    def _reload(self, text: Optional[str]) -> "Deferred[Optional[str]]":
+    def _reload(self, text: Optional[str] = None) -> "Deferred[Optional[str]]":
         """Apply the configuration file (or ``text``); fires with None when done, else why
         not (logged)."""
         path = self.config.path
