@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=["openaigw", "openaigw.plugins", "twisted.plugins"],
+    packages=["openaigw", "openaigw.admin", "openaigw.cache", "openaigw.plugins", "twisted.plugins"],
     package_data={"twisted": ["plugins/openaigw_plugin.py"]},
     entry_points={"console_scripts": ["openaigw-keygen = openaigw.keygen:main"]},
     install_requires=[
