@@ -630,3 +630,16 @@ def test_slow_leader_does_not_stall_followers_waiting_for_the_whole_answer():
                   b"Content-Length: %d\r\n\r\n" % len(ANSWER) + ANSWER[:10])
     leader.producer.pauseProducing()
     assert upstream.transport.producerState == "paused"  # alone: backpressure as without the cache
+
+
+def test_followers_get_no_cookie_of_the_leader():
+    """A coalesced answer is the leader's: the upstream's Set-Cookie (for the leader's
+    client) is not handed to the others, as a stored answer never replays it."""
+    gw = Gateway(CONFIG)
+    _, leader = gw.client(post(CHAT, BODY))
+    _, follower = gw.client(post(CHAT, BODY))
+    gw.upstream(0).send(response(b"200 OK", b"Set-Cookie: __cf_bm=leader-only; HttpOnly\r\n", ANSWER))
+    assert split(leader.value())[1][b"set-cookie"] == b"__cf_bm=leader-only; HttpOnly"
+    _, headers, body = split(follower.value())
+    assert (headers[b"x-cache-status"], body) == (b"COALESCED", [ANSWER])
+    assert b"set-cookie" not in headers

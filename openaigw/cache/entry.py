@@ -11,8 +11,9 @@ from twisted.web.http_headers import Headers
 
 from openaigw.headers import HOP_BY_HOP
 
-_NOT_STORED = HOP_BY_HOP | {
-    b"set-cookie", b"set-cookie2", b"date", b"age", b"content-length", b"x-cache-status",
+COOKIES = (b"set-cookie", b"set-cookie2")  # the upstream's, for the one client it answered
+_NOT_STORED = HOP_BY_HOP | set(COOKIES) | {
+    b"date", b"age", b"content-length", b"x-cache-status",
     b"x-request-id", b"x-gateway-request-id", b"retry-after", b"retry-after-ms",
     b"x-ms-retry-after-ms", b"x-accel-buffering",
 }

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from openaigw import errors
-from openaigw.cache.entry import Entry, forbids_storing, stored_headers
+from openaigw.cache.entry import COOKIES, Entry, forbids_storing, stored_headers
 from openaigw.cache.flight import Flight, Head
 from openaigw.cache.store import MemoryCacheStore
 from openaigw.exchange import Exchange
@@ -217,7 +217,11 @@ class CachedRequest:
         answer's ``tokens``, or what a meter finds)."""
         head = flight.head
         assert head is not None
-        relay.send_head(exchange, head.copy(), flight.length)
+        shown = head.copy()
+        if not charged:  # another client's answer: not its cookies
+            for name in COOKIES:
+                shown.headers.removeHeader(name)
+        relay.send_head(exchange, shown, flight.length)
         meter = None
         # A meter reads the usage (to charge, or to say what was saved), and strips the
         # usage chunk from a stream for a client that did not ask for it.
