@@ -159,6 +159,9 @@ class GatewayService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        # Before listening: a SIGHUP as soon as the port answers must not kill the
+        # process (the default action); it reloads once the reactor runs.
+        signal.signal(signal.SIGHUP, self._signal)
         waiting, failures = self._listen(self._wanted(self.config))
         if failures:  # most endpoints fail at once: refuse to start
             self._close_ports(list(self._ports))
@@ -187,7 +190,6 @@ class GatewayService(Service):
             self._runtime.redis.start()
         if self.catalog is not None:
             self.catalog.start()
-        signal.signal(signal.SIGHUP, self._signal)
         # After twistd's own handlers are in place: a SIGTERM stop is a clean exit (0),
         # not a re-raised signal.
         self._reactor.addSystemEventTrigger("after", "startup", signal.signal, signal.SIGTERM, self._signal)

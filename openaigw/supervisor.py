@@ -227,6 +227,9 @@ class Supervisor(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        # Before listening: a SIGHUP as soon as the port answers must not kill the
+        # process (the default action); it reloads once the reactor runs.
+        signal.signal(signal.SIGHUP, self._signal)
         gateway = self.config.gateway
         status = StatusSite(status_resource(self, None))
         status.resource.putChild(b"metrics", _HostMetricsPage(self))
@@ -250,7 +253,6 @@ class Supervisor(Service):
 
     def startService(self) -> None:
         super().startService()
-        signal.signal(signal.SIGHUP, self._signal)
         self._reactor.addSystemEventTrigger("after", "startup", signal.signal, signal.SIGTERM, self._signal)
         for slot in range(1, self._count + 1):
             self._spawn(slot)
