@@ -289,10 +289,7 @@ class RouteResource(Resource):
         streamed = self.send_head(exchange, head, response.length)
         meter = None
         if 200 <= head.code < 300:  # usage for logs and metrics; limits charge it too
-            content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
-            encoding = head.headers.getRawHeaders(b"content-encoding", [b""])[0]
-            meter = UsageMeter(content_type, encoding, exchange.strip_usage)
-            exchange.meter = meter
+            meter = exchange.meter = head.meter(exchange.strip_usage)
         await self._deliver(exchange, response, exchange.request, meter, streamed)
 
     async def _deliver(

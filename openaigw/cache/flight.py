@@ -22,6 +22,8 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from openaigw.usage import UsageMeter
+
 log = Logger()
 LAG_LIMIT = 1 << 20  # bytes a subscriber may fall behind before it is cut (at least)
 
@@ -33,6 +35,14 @@ class Head:
     code: int
     phrase: bytes
     headers: Headers
+
+    def meter(self, strip_usage: bool) -> UsageMeter:
+        """A UsageMeter for this answer's body."""
+        return UsageMeter(
+            self.headers.getRawHeaders(b"content-type", [b""])[0],
+            self.headers.getRawHeaders(b"content-encoding", [b""])[0],
+            strip_usage,
+        )
 
     def copy(self) -> "Head":
         """A copy whose headers one client's answer may change."""

@@ -20,7 +20,7 @@ from openaigw.cache.store import MemoryCacheStore
 from openaigw.exchange import Exchange
 from openaigw.interfaces import ICacheStore
 from openaigw.sse import EventSplitter, event_data
-from openaigw.usage import UsageMeter, estimate_prompt_tokens
+from openaigw.usage import estimate_prompt_tokens
 
 log = Logger()
 STATUS = b"X-Cache-Status"
@@ -226,9 +226,7 @@ class CachedRequest:
         # A meter reads the usage (to charge, or to say what was saved), and strips the
         # usage chunk from a stream for a client that did not ask for it.
         if 200 <= head.code < 300 and (tokens is None or (flight.streamed and exchange.strip_usage)):
-            content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
-            encoding = head.headers.getRawHeaders(b"content-encoding", [b""])[0]
-            meter = UsageMeter(content_type, encoding, exchange.strip_usage)
+            meter = head.meter(exchange.strip_usage)
             if charged:
                 exchange.meter = meter
         record = exchange.context.record
@@ -264,7 +262,7 @@ class CachedRequest:
             return None
         if not flight.streamed and not isinstance(flight.length, int) and _json_object(chunks[0]) is None:
             return None  # (of no declared length, it may have been cut by a clean close)
-        meter = UsageMeter(head.headers.getRawHeaders(b"content-type", [b""])[0], b"", False)
+        meter = head.meter(False)  # (stored answers are not encoded: see Flight.start)
         for chunk in chunks:
             meter.feed(chunk)
         meter.finish(True)
