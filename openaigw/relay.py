@@ -148,9 +148,9 @@ class BodyRelay(Protocol):
 
     def abandon(self) -> None:
         """The client is gone: stop reading the upstream (its connection closes)."""
+        self.stopProducing()
         if self._meter is not None:
             self._meter.finish(False)
-        self.stopProducing()
 
     def _expire(self) -> None:
         self._timed_out = True

@@ -513,3 +513,22 @@ def test_relay_failing_before_the_body_stops_the_upstream_body(monkeypatch):
     assert upstream.transport.producerState == "stopped"
     assert client.value().startswith(b"HTTP/1.1 500")
     assert len(gw.records) == 1
+
+
+def test_client_leaving_stops_the_upstream_even_if_the_meter_raises(monkeypatch):
+    """A client that leaves mid-stream stops the upstream body first: a meter that
+    raises while being told the body was cut does not keep the upstream streaming."""
+    from openaigw.usage import UsageMeter
+
+    def broken(self, complete):
+        raise RuntimeError("meter bug")
+
+    monkeypatch.setattr(UsageMeter, "finish", broken)
+    gw = Gateway()
+    channel, _ = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"6\r\ndata: \r\n")
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert upstream.transport.producerState == "stopped"
+    assert len(gw.records) == 1
