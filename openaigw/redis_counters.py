@@ -165,8 +165,18 @@ class RedisConcurrency(_RedisStore):
             return True
 
         d = self._run(ACQUIRE, key, [limit, slot, self._lease_ms])
-        d.addCallback(answered)
+        d.addCallbacks(answered, self._give_back, errbackArgs=(key, slot))
         return d
+
+    def _give_back(self, failure: Failure, key: str, slot: str) -> Failure:
+        """No answer (cancelled, timed out): Redis may have taken the slot all the
+        same; removed after the script on the same connection (or its lease ends it)."""
+        self._remove(key, slot)
+        return failure
+
+    def _remove(self, key: str, slot: str) -> "Deferred[None]":
+        """ZREM the slot; if Redis cannot answer, its lease ends it."""
+        return self._client.execute("ZREM", PREFIX + key, slot).addBoth(lambda _: None)
 
     def release(self, key: str) -> "Deferred[None]":
         slots = self._held.get(key)
@@ -178,9 +188,7 @@ class RedisConcurrency(_RedisStore):
             if not self._held and self._renewing is not None:
                 self._renewing.cancel()
                 self._renewing = None
-        d = self._client.execute("ZREM", PREFIX + key, slot)
-        d.addBoth(lambda _: None)  # not freed now: its lease ends it
-        return d
+        return self._remove(key, slot)
 
     def _renew(self) -> None:
         self._renewing = None

@@ -50,6 +50,13 @@ def _ask_for_usage(exchange: Exchange) -> None:
         exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])  # strippable
 
 
+class _Discard(Protocol):
+    """The consumer of a body nobody will read: it stops it (its connection closes)."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
 @implementer(IPushProducer)
 class BodyRelay(Protocol):
     """Writes each upstream read to the client (a request, or a cache's Flight) as it
@@ -107,6 +114,15 @@ class BodyRelay(Protocol):
             self._timer.cancel()
         if self.done.called:  # cancelled: the client is gone
             return
+        try:
+            self._end(reason)
+        except Exception:  # a bug: done fails, and the request path aborts the client
+            self.done.errback()
+        else:
+            self.done.callback(None)
+
+    def _end(self, reason: Failure) -> None:
+        """End the client's answer: finished if the body came whole, else aborted."""
         request = self._request
         # After a timeout a close-delimited body also "ends": it is cut all the same.
         complete = not self._timed_out and reason.check(ResponseDone, PotentialDataLoss) is not None
@@ -129,13 +145,12 @@ class BodyRelay(Protocol):
                 if self._on_cut is not None:
                     self._on_cut(why)
                 request.abort()
-        self.done.callback(None)
 
     def abandon(self) -> None:
         """The client is gone: stop reading the upstream (its connection closes)."""
+        self.stopProducing()
         if self._meter is not None:
             self._meter.finish(False)
-        self.stopProducing()
 
     def _expire(self) -> None:
         self._timed_out = True
@@ -277,19 +292,27 @@ class RouteResource(Resource):
         except errors.GatewayError as e:
             flight.fail(e)
             return
-        head = self._upstream_head(exchange, response)
-        encoding = head.headers.getRawHeaders(b"content-encoding", [b"identity"])[0]
-        content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
-        streamed = content_type.lower().startswith(b"text/event-stream")
-        flight.start(head, streamed, encoding.lower() == b"identity", response.length)
+        try:
+            head = self._upstream_head(exchange, response)
+            encoding = head.headers.getRawHeaders(b"content-encoding", [b"identity"])[0]
+            content_type = head.headers.getRawHeaders(b"content-type", [b""])[0]
+            streamed = content_type.lower().startswith(b"text/event-stream")
+            flight.start(head, streamed, encoding.lower() == b"identity", response.length)
+        except Exception:  # a bug: the body must not pile up unread in the response
+            response.deliverBody(_Discard())
+            raise
         await self._deliver(exchange, response, flight, None, streamed)
 
     async def _relay(self, exchange: Exchange, response: IResponse) -> None:
-        head = self._upstream_head(exchange, response)
-        streamed = self.send_head(exchange, head, response.length)
-        meter = None
-        if 200 <= head.code < 300:  # usage for logs and metrics; limits charge it too
-            meter = exchange.meter = head.meter(exchange.strip_usage)
+        try:
+            head = self._upstream_head(exchange, response)
+            streamed = self.send_head(exchange, head, response.length)
+            meter = None
+            if 200 <= head.code < 300:  # usage for logs and metrics; limits charge it too
+                meter = exchange.meter = head.meter(exchange.strip_usage)
+        except Exception:  # a bug: the body must not pile up unread in the response
+            response.deliverBody(_Discard())
+            raise
         await self._deliver(exchange, response, exchange.request, meter, streamed)
 
     async def _deliver(

@@ -153,11 +153,16 @@ def test_token_budget_is_shared(cluster):
     first = a.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
     assert first.headers["x-ai-ratelimit-remaining-tokens"] == "30"
     # the fake answers 5 words: 2 prompt + 5 completion tokens, charged after the answer
-    remaining = [b.chat.completions.with_raw_response.create(model="m", messages=MESSAGES),
-                 a.chat.completions.with_raw_response.create(model="m", messages=MESSAGES),
-                 b.chat.completions.with_raw_response.create(model="m", messages=MESSAGES),
-                 a.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)]
+    # (sent as the answer ends: on a busy machine the next request can reach Redis first,
+    # the documented overshoot, so each waits until the charge before it has landed)
+    charged = ["EVAL", "return tonumber(redis.call('HGET', KEYS[1], 'count'))", "1",
+               "openaigw:ai-rate-limiting/consumer:tokens:3600"]
+    remaining = []
+    for n, client in enumerate((b, a, b, a), 1):
+        wait_for(lambda: cluster["redis"].command(*charged) == b":%d\r\n" % (7 * n))
+        remaining.append(client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES))
     assert [r.headers["x-ai-ratelimit-remaining-tokens"] for r in remaining] == ["23", "16", "9", "2"]
+    wait_for(lambda: cluster["redis"].command(*charged) == b":35\r\n")
     for client in (a, b):  # 35 of 30 spent
         with pytest.raises(openai.RateLimitError) as caught:
             client.chat.completions.create(model="m", messages=MESSAGES)

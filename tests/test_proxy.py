@@ -474,3 +474,61 @@ def test_requests_leave_no_reference_cycles():
         gc.set_debug(0)
         gc.garbage.clear()
     assert left == []
+
+
+def test_relay_that_raises_at_the_end_still_ends_the_request(monkeypatch):
+    """A BodyRelay.connectionLost that raises partway still fires ``done``: the request
+    is reported (its completion callbacks run, limit-conn gives its slot back) and the
+    client connection does not hang open."""
+    from openaigw.usage import UsageMeter
+
+    def broken(self, complete):
+        raise RuntimeError("meter bug")
+
+    monkeypatch.setattr(UsageMeter, "finish", broken)
+    config = BASE_CONFIG.replace("proxy-rewrite.headers.set", "limit-conn.conn = 1\nproxy-rewrite.headers.set")
+    gw = Gateway(config)
+    _, client = gw.client(post(CHAT, BODY))
+    gw.upstream().send(response(body=b'{"a": 1}'))
+    assert len(gw.records) == 1
+    assert client.disconnected or client.disconnecting
+    assert len(gw.runtime.concurrency) == 0
+
+
+def test_relay_failing_before_the_body_stops_the_upstream_body(monkeypatch):
+    """If the relay raises after Upstream.send() returned, before the body has a consumer,
+    the upstream body is stopped (not buffered in the response until it ends), and the
+    client gets a 500."""
+    from openaigw.relay import RouteResource
+
+    def broken(self, exchange, head, length):
+        raise RuntimeError("head bug")
+
+    monkeypatch.setattr(RouteResource, "send_head", broken)
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"6\r\ndata: \r\n")
+    assert upstream.transport.producerState == "stopped"
+    assert client.value().startswith(b"HTTP/1.1 500")
+    assert len(gw.records) == 1
+
+
+def test_client_leaving_stops_the_upstream_even_if_the_meter_raises(monkeypatch):
+    """A client that leaves mid-stream stops the upstream body first: a meter that
+    raises while being told the body was cut does not keep the upstream streaming."""
+    from openaigw.usage import UsageMeter
+
+    def broken(self, complete):
+        raise RuntimeError("meter bug")
+
+    monkeypatch.setattr(UsageMeter, "finish", broken)
+    gw = Gateway()
+    channel, _ = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"6\r\ndata: \r\n")
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert upstream.transport.producerState == "stopped"
+    assert len(gw.records) == 1

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
@@ -247,6 +247,24 @@ class StoreTests(RedisTestCase):
     def test_dead_gateway_slots_expire(self) -> Any:
         """Slots nobody renews are free again once their lease is over."""
         return Deferred.fromCoroutine(self._dead_gateway())
+
+    async def _cancelled(self) -> None:
+        gateway, other = RedisConcurrency(self.client, reactor), RedisConcurrency(self.client, reactor)
+        self.assertTrue(await gateway.acquire("limit-conn/route:loaded", 1))  # the script is loaded
+        await gateway.release("limit-conn/route:loaded")
+        waiting = gateway.acquire("limit-conn/route:r", 1)
+        waiting.cancel()  # the client left while its slot was being taken
+        with self.assertRaises(CancelledError):
+            await waiting
+        self.assertEqual(len(gateway), 0)
+        # Redis took the slot all the same; it is given back, not held for the lease.
+        self.assertTrue(await other.acquire("limit-conn/route:r", 1))
+        await other.release("limit-conn/route:r")
+
+    def test_cancelled_acquire_gives_its_slot_back(self) -> Any:
+        """A request cancelled while its slot is being taken does not hold the slot
+        until its lease ends (it is removed right after the script ran)."""
+        return Deferred.fromCoroutine(self._cancelled())
 
     async def _unavailable(self) -> None:
         counters = RedisWindowCounters(self.client, reactor)

@@ -400,3 +400,79 @@ def test_outage_logged_once():
     ours = [e for e in events if e.get("log_namespace") == "openaigw.redisclient"]
     assert [e["log_level"] for e in ours] == [LogLevel.info, LogLevel.warn, LogLevel.info]
     assert "is available again" in ours[-1]["log_format"]
+
+
+def test_commands_fail_at_once_while_redis_is_too_slow():
+    """Once a command timed out on a live connection, commands fail at once (nothing
+    queues behind a slow Redis, no request waits state_timeout) until a PING answers."""
+    redis, server, reactor, changes = client()
+    server.accept()
+    server.sent()
+    server.reply(b"+PONG\r\n")
+    results([redis.execute("GET", "a")])
+    reactor.advance(0.1)
+    server.reply(b"")  # alive, just slow
+    reactor.advance(0.15)
+    assert changes == [True, False]
+    assert server.sent() == encode(("GET", "a")) + encode(("PING",))
+    got = results([redis.execute("GET", "b") for _ in range(100)])
+    assert len(got) == 100 and all(f.check(RedisUnavailable) for f in got)
+    assert server.sent() == b""  # not written to the slow Redis
+    server.reply(b"$1\r\na\r\n+PONG\r\n")
+    assert changes == [True, False, True]
+    got = results([redis.execute("GET", "c")])
+    assert server.sent() == encode(("GET", "c"))
+
+
+def test_a_connection_that_drops_at_once_backs_off():
+    """A Redis that takes the connection set-up and drops it at once (a proxy, a
+    client-kill loop) is not reconnected to 20 times a second: the back-off grows
+    until a connection has lasted a while."""
+    redis, server, reactor, changes = client()
+    for _ in range(6):
+        server.accept()
+        server.sent()
+        server.reply(b"+PONG\r\n")
+        server.drop()
+        reactor.advance(2.0)  # whatever the back-off is, the next attempt is made
+    attempts = len(reactor.tcpClients)
+    server.accept()
+    server.sent()
+    server.reply(b"+PONG\r\n")
+    server.drop()
+    reactor.advance(1.0)
+    assert len(reactor.tcpClients) == attempts  # not 0.05 s later
+    reactor.advance(1.0)
+    assert len(reactor.tcpClients) == attempts + 1
+    server.accept()
+    server.sent()
+    server.reply(b"+PONG\r\n")
+    reactor.advance(5.0)  # a connection that lasted: the next loss is retried at once
+    server.drop()
+    reactor.advance(0.05)
+    assert len(reactor.tcpClients) == attempts + 2
+
+
+def test_noscript_reload_that_fails_leaves_no_unhandled_error():
+    """SCRIPT LOAD failing with its EVALSHA (the connection lost) fails the command,
+    and leaves no "Unhandled error in Deferred" behind."""
+    import gc
+
+    from twisted.logger import globalLogPublisher
+
+    events: List[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        redis, server, reactor, _ = client()
+        server.accept()
+        server.sent()
+        server.reply(b"+PONG\r\n")
+        got = results([redis.evalsha(Script("return 1"), ["k"], [])])
+        server.reply(b"-NOSCRIPT No matching script. Please use EVAL.\r\n")
+        server.drop()
+        assert got[0].check(RedisUnavailable)
+        del got
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if "Unhandled error" in str(e.get("log_format", ""))] == []
