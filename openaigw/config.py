@@ -65,6 +65,10 @@ class GatewayConfig:
     admin_key: Optional[str] = field(default=None, repr=False)
     admin_state: Optional[str] = None
     workers: int = 1  # processes serving the listeners; 0: auto (one per CPU)
+    client_header_timeout: float = 10.0  # for the whole request head
+    client_body_timeout: float = 60.0  # for the whole request body
+    max_connections: Optional[int] = None  # None: the default, fitted to the file limit
+    underscores_in_headers: bool = False
 
     def worker_count(self) -> int:
         """How many worker processes to run (``auto`` resolved on this host)."""
@@ -355,6 +359,9 @@ def _gateway(section: Section) -> GatewayConfig:
             "state", "state_timeout", "state_unavailable", "state_ca_file",
             "admin", "admin_key", "admin_state",
             "workers",
+            "client_header_timeout", "client_body_timeout",
+            "max_connections",
+            "underscores_in_headers",
         ),
     )
     listen = tuple((section.get("listen") or DEFAULT_LISTEN).split())
@@ -394,6 +401,10 @@ def _gateway(section: Section) -> GatewayConfig:
         admin_key=admin_key,
         admin_state=admin_state,
         workers=_workers(section),
+        client_header_timeout=_timeout(section, "client_header_timeout", 10.0),
+        client_body_timeout=_timeout(section, "client_body_timeout", 60.0),
+        max_connections=section.number("max_connections", None, minimum=1, integer=True),
+        underscores_in_headers=section.flag("underscores_in_headers", False),
     )
 
 
@@ -483,6 +494,11 @@ def _check_workers(config: Config) -> None:
             f" worker would count its own share of these limits: {', '.join(limited)};"
             " set state = redis://... (shared by all) or workers = 1"
         )
+def _timeout(section: Section, key: str, default: float) -> float:
+    value = section.number(key, default)
+    if value <= 0:
+        raise section.error(key, "must be above 0")
+    return float(value)
 
 
 def _check_endpoint(section: Section, key: str, description: str) -> None:

@@ -63,6 +63,50 @@ def write_error(
     request.finish()
 
 
+def raw_response(error: GatewayError) -> bytes:
+    """``error`` as a whole HTTP/1.1 response that closes the connection, for answers
+    written to the connection directly (the request got no further than its head
+    or body, or the connection none at all)."""
+    body = error.body()
+    extra = b"".join(
+        b"%s: %s\r\n" % (name.encode("ascii"), value.encode("latin-1"))
+        for name, value in error.headers.items()
+        if name.lower() != "connection"
+    )
+    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n%s" % (
+        error.status, HTTPStatus(error.status).phrase.encode("ascii"), len(body), extra, body)
+
+
+def bad_request(message: str, code: str = "invalid_request") -> GatewayError:
+    return GatewayError(400, message, "invalid_request_error", code)
+
+
+def request_timeout(part: str) -> GatewayError:
+    """408: the request's ``part`` ("header" or "body") did not arrive in time."""
+    return GatewayError(
+        408, f"The request {part} took too long to arrive", "invalid_request_error",
+        "request_timeout", reason=f"client_{part}_timeout",
+    )
+
+
+def header_too_large() -> GatewayError:
+    return GatewayError(
+        431, "The request's header fields are too large", "invalid_request_error",
+        "request_header_fields_too_large",
+    )
+
+
+def uri_too_long() -> GatewayError:
+    return GatewayError(414, "The request URI is too long", "invalid_request_error", "uri_too_long")
+
+
+def too_many_connections(limit: int) -> GatewayError:
+    return GatewayError(
+        503, f"The gateway has {limit} connections open, its limit: retry later",
+        "server_error", "too_many_connections", headers={"Retry-After": "1"},
+    )
+
+
 def not_found(path: str) -> GatewayError:
     return GatewayError(404, f"No route for {path}", "invalid_request_error", "route_not_found")
 

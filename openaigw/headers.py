@@ -14,7 +14,9 @@ HOP_BY_HOP: FrozenSet[bytes] = frozenset(
         b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     )
 )
-_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+# What the gateway itself tells the upstream: never taken from a client, on any route.
+GATEWAY_OWNED: FrozenSet[bytes] = frozenset((b"x-consumer-username", b"x-forwarded-proto", b"x-forwarded-host"))
+_NOT_FORWARDED = HOP_BY_HOP | GATEWAY_OWNED | {b"host", b"content-length", b"expect"}
 _NOT_RETURNED = HOP_BY_HOP | {b"content-length"}
 
 
@@ -26,19 +28,21 @@ def connection_tokens(headers: Headers) -> FrozenSet[bytes]:
     return frozenset(tokens)
 
 
-def _end_to_end(headers: Headers, excluded: FrozenSet[bytes]) -> Headers:
+def _end_to_end(headers: Headers, excluded: FrozenSet[bytes], underscores: bool) -> Headers:
     dropped = excluded | connection_tokens(headers)
     out = Headers()
     for name, values in headers.getAllRawHeaders():
-        if name.lower() not in dropped:
+        if name.lower() not in dropped and (underscores or b"_" not in name):
             out.setRawHeaders(name, list(values))
     return out
 
 
-def request_headers(request: IRequest, scheme: bytes, client: str) -> Headers:
+def request_headers(request: IRequest, scheme: bytes, client: str, underscores: bool = False) -> Headers:
     """The client's end-to-end headers plus ``X-Forwarded-*`` (Host is set later);
-    ``client`` is the client's address ("" on a UNIX socket: not added)."""
-    out = _end_to_end(request.requestHeaders, _NOT_FORWARDED)
+    ``client`` is the client's address ("" on a UNIX socket: not added).  Names with
+    an underscore are dropped unless ``underscores`` (as nginx does by default: an
+    upstream may read ``X_Consumer_Username`` as ``X-Consumer-Username``)."""
+    out = _end_to_end(request.requestHeaders, _NOT_FORWARDED, underscores)
     if client:
         forwarded = out.getRawHeaders(b"x-forwarded-for", [])
         prior = b", ".join(forwarded)

@@ -202,7 +202,7 @@ class RouteResource(Resource):
             route=self.name,
             method=request.method,
             path=context.path + question + query,
-            headers=request_headers(request, scheme, record.client),
+            headers=request_headers(request, scheme, record.client, request.site.underscores_in_headers),
             body=request.content.read() if request.content is not None else b"",
         )
         context.hold()  # released, and so reported, in _done

@@ -48,7 +48,7 @@ class Router(Resource):
     def render(self, request: GatewayRequest) -> Any:
         request.responseHeaders.removeHeader(b"server")
         path = request.context.path = normalize(request.path)  # what routes forward upstream
-        if _has_dot_segment(path):
+        if _ambiguous(path):
             errors.write_error(
                 request,
                 errors.GatewayError(400, "Invalid path", "invalid_request_error", "invalid_path"),
@@ -88,6 +88,11 @@ def normalize(path: bytes) -> bytes:
     return path
 
 
-def _has_dot_segment(path: bytes) -> bool:
-    """Whether the path has ``.`` or ``..`` segments (also percent-encoded)."""
+def _ambiguous(path: bytes) -> bool:
+    """Whether an upstream may read the (normalised) path as another one: ``.`` or
+    ``..`` segments (also percent-encoded), an encoded slash or a backslash (an
+    upstream that decodes ``/v1/chat%2Fcompletions`` serves the exact route's URI,
+    which the gateway matched to a prefix)."""
+    if b"%2F" in path or b"%5C" in path or b"\\" in path:
+        return True
     return any(segment in (b".", b"..") for segment in unquote_to_bytes(path).split(b"/"))

@@ -8,26 +8,43 @@ import re
 from typing import Any, List, Optional, Set
 
 from twisted.internet.defer import Deferred, succeed
-
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from openaigw import errors
 from openaigw.accesslog import AccessRecord
+from openaigw.config import GatewayConfig
 from openaigw.context import RequestContext
+from openaigw.descriptors import DEFAULT_MAX_CONNECTIONS
+from openaigw.head import TWISTED_CHECKS_HEADER_LINES, invalid_header_line, invalid_request_line
 from openaigw.telemetry import Telemetry
 
+log = Logger()
 _DISCARD_SECONDS = 1.0
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class GatewayChannel(HTTPChannel):
     """An HTTP/1.1 channel with TCP_NODELAY (Twisted sets it only from 24.10), known
-    to its site until it closes (for a graceful stop); the client's address is
-    looked up once, here."""
+    to its site until it closes (for a graceful stop).
+
+    The client's address is looked up once, here.  A request's head must be in
+    within ``client_header_timeout`` seconds of its first byte, its body within
+    ``client_body_timeout`` of the head (Twisted's idle timer restarts on every byte:
+    a client trickling bytes would hold the connection forever); one timer per
+    connection watches whichever deadline is running.  What the gateway refuses
+    before a request is answered (a timeout, a head too large or unparseable) gets
+    an OpenAI-shaped answer and the connection closes.
+    """
 
     client_host = ""  # the client's address, "" on a UNIX socket
+    _deadline = 0.0  # when the head or body being received must be in; 0: none
+    _part = "header"  # what _deadline is for: "header", "body" or "discard"
+    _timer: Any = None
+    _refused = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -39,6 +56,10 @@ class GatewayChannel(HTTPChannel):
             pass  # not a TCP connection (UNIX socket)
 
     def connectionLost(self, reason: Any) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
         super().connectionLost(reason)
         self.site.channel_closed(self)
 
@@ -51,6 +72,124 @@ class GatewayChannel(HTTPChannel):
             self._secure = bool(super().isSecure())
         return self._secure
 
+    # The deadlines of a request's head and body
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return  # read and dropped until the connection closes
+        if not self._deadline and not self._handlingRequest:  # a request's first byte
+            self._expect("header", self.site.client_header_timeout)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        if self.length == 0:
+            self._deadline = 0.0
+        else:
+            self._expect("body", self.site.client_body_timeout)
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._deadline = 0.0
+        super().allContentReceived()
+
+    def _expect(self, part: str, seconds: float) -> None:
+        self._part = part
+        deadline = self._deadline = self.site.clock.seconds() + seconds
+        timer = self._timer
+        if timer is None:
+            self._timer = self.callLater(seconds, self._deadline_reached)
+        elif timer.getTime() > deadline:
+            timer.reset(seconds)
+        # else the timer fires first, and waits again for what is left
+
+    def _deadline_reached(self) -> None:
+        self._timer = None
+        if not self._deadline:
+            return  # what was awaited came in time: the timer lapses
+        left = self._deadline - self.site.clock.seconds()
+        if left > 0:
+            self._timer = self.callLater(left, self._deadline_reached)
+            return
+        self._deadline = 0.0
+        if self._part == "discard":
+            self.transport.loseConnection()
+        else:
+            self.refuse(errors.request_timeout(self._part))
+
+    # Refusing a request that was not answered
+    def refuse(self, error: errors.GatewayError) -> None:
+        """Answer ``error`` for the request being received, and close.
+
+        What the client still sends is read and dropped for a moment first: closing
+        with it unread would reset the connection under the answer.
+        """
+        if self._refused:
+            return
+        request = self.requests[-1] if self.requests else None
+        if request is not None and request.receiving:
+            request.refuse(error)
+            return
+        self.refuse_raw(error)
+        # Before the head was in: a record of what is known.
+        record = AccessRecord(
+            started=self.site.clock.seconds(), client=self.client_host,
+            request_id=os.urandom(16).hex(), status=error.status, error=error.reason,
+        )
+        record.method = getattr(self, "_command", b"").decode("ascii", "replace")
+        record.path = getattr(self, "_path", b"").split(b"?")[0].decode("utf-8", "replace")
+        self.site.telemetry.request_finished(record)
+
+    def refuse_raw(self, error: errors.GatewayError) -> None:
+        """Write ``error`` as the connection's last answer; parse nothing more."""
+        self._refused = True
+        self._buffer = b""  # LineReceiver's: no further line of this read is parsed
+        self.transport.write(errors.raw_response(error))
+        self._expect("discard", _DISCARD_SECONDS)
+
+    if not TWISTED_CHECKS_HEADER_LINES:  # (22.4: the check costs a call a line)
+
+        def headerReceived(self, line: bytes) -> bool:
+            invalid = invalid_header_line(line)
+            if invalid is not None:
+                self.refuse(errors.bad_request(invalid))
+                return False
+            return bool(super().headerReceived(line))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A line over Twisted's limit (16 KiB): 414 for the request line, 431 for a
+        header (Twisted would close without a word)."""
+        self.refuse(errors.header_too_large() if self.requests else errors.uri_too_long())
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted's bare 400 for what it cannot parse, OpenAI-shaped (431 when the head
+        is over Twisted's size limit)."""
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self.refuse(errors.header_too_large())
+        else:
+            self.refuse(errors.bad_request("The request could not be parsed", "invalid_request"))
+
+
+class _Refusal(Protocol):
+    """A connection over the cap: answered with ``answer`` at once, closed after the
+    client's first read (or a moment, if it sends nothing), so that closing does not
+    reset the connection under the answer."""
+
+    def __init__(self, answer: bytes, clock: Any) -> None:
+        self._answer = answer
+        self._clock = clock
+        self._closing: Any = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._answer)
+        self._closing = self._clock.callLater(_DISCARD_SECONDS, self.transport.loseConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
+        self._closing = None
+
 
 def request_id(headers: Any) -> bytes:
     """The client's ``X-Request-Id`` if it is sane, else a new one."""
@@ -61,36 +200,45 @@ def request_id(headers: Any) -> bytes:
 
 
 class GatewayRequest(Request):
-    """A request that enforces the body size limit and holds the request's context.
+    """A request that checks its head, enforces the body size limit and holds the
+    request's context.
 
-    A body over the limit gets its 413 at once, before it is read; the rest is read
-    and discarded briefly so that closing does not reset the connection under the
-    answer.  ``context`` (made once the head is in) is the request's state; the
-    request lets go of it when it ends: answered, rejected, aborted or abandoned.
+    A head Twisted let through that has bytes an upstream may read differently gets
+    a 400, a body over the limit its 413, at once, before the body is read; what still
+    comes is read and dropped briefly so that closing does not reset the connection
+    under the answer.  ``context`` (made once the head is in) is the
+    request's state; the request lets go of it when it ends: answered, refused,
+    aborted or abandoned.
     """
 
     defaultContentType = None
     _rejected = False
     _received = 0
     _open = False  # holding the context: from the end of the head to the request's
+    receiving = False  # from the end of the head until it is processed: refusable
     context: RequestContext
     _site: "GatewaySite"
 
     def gotLength(self, length: Optional[int]) -> None:
-        site = self._site = self.channel.site
-        record = AccessRecord(started=site.clock.seconds(), client=self.channel.client_host)
+        channel = self.channel
+        site = self._site = channel.site
+        record = AccessRecord(started=site.clock.seconds(), client=channel.client_host)
         self.context = RequestContext(record, site.telemetry, site.clock)
-        self._open = True
+        self._open = self.receiving = True
         super().gotLength(length)
-        if length is not None and length > site.max_body_size:
-            self._reject()
+        # The request line is known to the channel only, as yet (private, but stable).
+        invalid = invalid_request_line(channel._command, channel._path, channel._version)
+        if invalid is not None:
+            self.refuse(errors.bad_request(invalid))
+        elif length is not None and length > site.max_body_size:
+            self.refuse(errors.body_too_large(site.max_body_size))
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_body_size:
-            self._reject()
+        if self._received > self._site.max_body_size:
+            self.refuse(errors.body_too_large(self._site.max_body_size))
             return
         super().handleContentChunk(data)
 
@@ -109,6 +257,7 @@ class GatewayRequest(Request):
         record.bytes_in = self._received
 
     def process(self) -> None:
+        self.receiving = False
         self._describe(self.method, self.path)
         self.responseHeaders.setRawHeaders(b"x-request-id", [self.context.record.request_id.encode("ascii")])
         super().process()
@@ -151,30 +300,26 @@ class GatewayRequest(Request):
         record.bytes_out = self.sentLength
         self.context.release()
 
-    def _reject(self) -> None:
+    def refuse(self, error: errors.GatewayError) -> None:
+        """Answer ``error`` before the request is processed, and close (see
+        :meth:`GatewayChannel.refuse`)."""
         self._rejected = True
-        self.requestHeaders.removeHeader(b"expect")  # no 100 Continue after the 413
+        self.receiving = False
+        self.requestHeaders.removeHeader(b"expect")  # no 100 Continue after the answer
         self.content = None
-        site = self.channel.site
-        error = errors.body_too_large(site.max_body_size)
-        body = error.body()
-        transport = self.channel.transport
-        transport.write(
-            b"HTTP/1.1 413 Request Entity Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
-        site.clock.callLater(_DISCARD_SECONDS, transport.loseConnection)
-        # The request line is known to the channel only, as yet (private, but stable).
-        self._describe(
-            getattr(self.channel, "_command", b""), getattr(self.channel, "_path", b"").split(b"?")[0]
-        )
+        channel = self.channel
+        channel.refuse_raw(error)
+        self._describe(getattr(channel, "_command", b""), getattr(channel, "_path", b"").split(b"?")[0])
         self.context.record.error = error.reason
-        self._end(413)  # the answer went out raw, above
+        self._end(error.status)
 
 
 class GatewaySite(Site):
-    """The Site of one gateway: its limits and clock travel with it to each request."""
+    """The Site of one gateway: its limits and clock travel with it to each request.
+
+    Connections over ``max_connections`` get a 503 and are closed (rather than the
+    process running out of file descriptors).
+    """
 
     protocol = GatewayChannel
     requestFactory = GatewayRequest
@@ -182,7 +327,12 @@ class GatewaySite(Site):
     noisy = False
 
     def __init__(
-        self, resource: IResource, clock: Any, max_body_size: int, telemetry: Optional[Telemetry] = None
+        self,
+        resource: IResource,
+        clock: Any,
+        gateway: GatewayConfig,
+        telemetry: Optional[Telemetry] = None,
+        max_connections: Optional[int] = None,
     ) -> None:
         super().__init__(resource)
         # Recent Twisted parses every POST's Content-Type with the email package to
@@ -190,10 +340,20 @@ class GatewaySite(Site):
         # request.args, and Twisted reads this from the site (it is not in 22.4).
         self._parsePOSTFormSubmission = False
         self.clock = clock
-        self.max_body_size = max_body_size
         self.telemetry = telemetry or Telemetry()
         self.channels: Set[GatewayChannel] = set()
         self._drained: List[Deferred[None]] = []
+        self._refusing_since: Optional[float] = None
+        self.configure(gateway, max_connections)
+
+    def configure(self, gateway: GatewayConfig, max_connections: Optional[int] = None) -> None:
+        """Take the ``[gateway]`` settings of connections and requests (at start-up and
+        on reload); ``max_connections``: the cap fitted to the file limit."""
+        self.max_body_size = gateway.max_body_size
+        self.client_header_timeout = gateway.client_header_timeout
+        self.client_body_timeout = gateway.client_body_timeout
+        self.underscores_in_headers = gateway.underscores_in_headers
+        self.max_connections = max_connections or gateway.max_connections or DEFAULT_MAX_CONNECTIONS
 
     def getContentFile(self, length: Optional[int]) -> BytesIO:
         """Where a request body goes: memory, always (bodies are bounded by
@@ -229,9 +389,19 @@ class GatewaySite(Site):
             channel.transport.abortConnection()
 
     def buildProtocol(self, addr: Any) -> Any:
+        if len(self.channels) >= self.max_connections:
+            return self._refusal()
         channel = super().buildProtocol(addr)
         channel.callLater = self.clock.callLater
         return channel
+
+    def _refusal(self) -> Protocol:
+        now = self.clock.seconds()
+        if self._refusing_since is None or now - self._refusing_since >= 60:  # once a minute
+            self._refusing_since = now
+            log.warn("max_connections ({limit}) reached: refusing connections with 503s",
+                     limit=self.max_connections)
+        return _Refusal(errors.raw_response(errors.too_many_connections(self.max_connections)), self.clock)
 
     def log(self, request: Any) -> None:
         """No combined-format line per request here: the gateway logs its own."""

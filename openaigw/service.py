@@ -21,6 +21,7 @@ from openaigw import systemd
 from openaigw.accesslog import AccessLog
 from openaigw.config import Config
 from openaigw.consumers import Consumer, KeyRing
+from openaigw.descriptors import fit_connections
 from openaigw.metrics import Metrics
 from openaigw.plugins import REGISTRY
 from openaigw.relay import RouteResource
@@ -73,7 +74,7 @@ def build_site(
     """The Site serving ``config``'s routes, and the upstreams it calls."""
     telemetry = telemetry or Telemetry()
     root, upstreams = build_routes(config, reactor, runtime or Runtime.memory(reactor), telemetry)
-    return GatewaySite(root, reactor, config.gateway.max_body_size, telemetry), upstreams
+    return GatewaySite(root, reactor, config.gateway, telemetry), upstreams
 
 
 class GatewayService(Service):
@@ -104,6 +105,7 @@ class GatewayService(Service):
         self._runtime = build_runtime(config.gateway, reactor, self.telemetry)
         self._configure_telemetry(config)
         self.site, self._upstreams = build_site(config, reactor, self._runtime, self.telemetry)
+        self.site.configure(config.gateway, fit_connections(config))
         self.status_site = StatusSite(status_resource(self, self.telemetry.metrics))
         self.admin_site = None
         if catalog is not None:
@@ -225,6 +227,7 @@ class GatewayService(Service):
         path = self.config.path
         try:
             config = configuration.load(path) if text is None else configuration.parse(text, path, os.environ)
+            fit_connections(config)  # a cap that cannot fit refuses the reload
         except configuration.ConfigError as e:
             return self._refused(str(e))
         if state_changed(self.config.gateway, config.gateway):
@@ -265,7 +268,7 @@ class GatewayService(Service):
         def commit() -> List[str]:
             # New requests find the new routes; those in flight keep the objects they hold.
             self.site.resource = root
-            self.site.max_body_size = config.gateway.max_body_size
+            self.site.configure(config.gateway, fit_connections(config))
             self.status_site.resource = status_resource(self, self.telemetry.metrics)
             old_upstreams, self._upstreams = self._upstreams, upstreams
             self._runtime, self.config = runtime, config

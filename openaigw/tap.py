@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from openaigw import config
 from openaigw.admin import open_catalog
+from openaigw.descriptors import fit_connections
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 
@@ -35,6 +36,7 @@ class Options(usage.Options):
             self.config = config.load(self["config"])
             # The Admin API's state is read here too: a corrupt one is an error like a bad gw.ini.
             self.catalog = open_catalog(self.config) if self.config.gateway.admin else None
+            fit_connections(self.config)  # the file limit is the process's: checked here
         except config.ConfigError as e:
             sys.stderr.write(f"openaigw: {e}\n")
             sys.stderr.flush()
