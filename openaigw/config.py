@@ -76,6 +76,20 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
+class HealthChecks:
+    """The ``checks.*`` keys of an upstream: passive counting, cooldowns, active probes."""
+
+    passive_failures: int = 3
+    passive_cooldown: float = 30.0
+    max_cooldown: float = 60.0
+    active_path: Optional[str] = None  # None: no active probes
+    active_interval: float = 10.0
+    active_timeout: float = 5.0
+    active_healthy: int = 2
+    active_unhealthy: int = 3
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     """An ``[upstream:NAME]`` section."""
 
@@ -93,6 +107,12 @@ class UpstreamConfig:
     keepalive_pool: int = 64
     max_connections: int = 0  # per node; 0: no limit
     stream_usage: bool = True  # ask chat/completions streams for their usage chunk
+    api_key: Optional[str] = field(default=None, repr=False)  # resolved: never in messages
+    provider: str = "openai"  # openai | azure | openai-compatible
+    path_prefix: str = ""
+    api_version: Optional[str] = None  # azure: a date such as 2024-10-21, or "v1"
+    deployments: Tuple[Tuple[str, str], ...] = ()  # azure: (model, deployment); "*" = default
+    checks: HealthChecks = HealthChecks()
 
 
 @dataclass(frozen=True)
@@ -112,6 +132,8 @@ class RouteConfig:
     upstream: str
     methods: Optional[FrozenSet[str]] = None
     plugins: Tuple[PluginConfig, ...] = ()
+    fallback: Tuple[str, ...] = ()  # upstreams tried, in order, after ``upstream``
+    fallback_on: FrozenSet[str] = frozenset(("429", "5xx", "timeout", "connect"))
 
 
 @dataclass(frozen=True)
@@ -558,6 +580,10 @@ def _upstream(section: Section) -> UpstreamConfig:
             "keepalive_pool",
             "max_connections",
             "stream_usage",
+            "api_key", "provider", "path_prefix", "api_version", "deployments",
+            "checks.passive.failures", "checks.passive.cooldown", "checks.max_cooldown",
+            "checks.active.path", "checks.active.interval", "checks.active.timeout",
+            "checks.active.healthy", "checks.active.unhealthy",
         ),
     )
     name = section.name.partition(":")[2]
@@ -595,7 +621,81 @@ def _upstream(section: Section) -> UpstreamConfig:
         keepalive_pool=section.number("keepalive_pool", 64, integer=True),
         max_connections=section.number("max_connections", 0, integer=True),
         stream_usage=section.flag("stream_usage", True),
+        checks=_checks(section),
+        **_provider(section),
     )
+
+
+def _provider(section: Section) -> Dict[str, Any]:
+    """``api_key``, ``provider`` and the keys that shape a provider's URLs."""
+    provider = section.choice("provider", "openai", ("openai", "azure", "openai-compatible"))
+    api_key = section.get("api_key")
+    if api_key is not None:
+        api_key = api_key.strip()
+        if not api_key or any(c in api_key for c in "\r\n\0"):
+            raise section.error("api_key", "must be one line, not empty")
+    path_prefix = (section.get("path_prefix") or "").strip().rstrip("/")
+    if "path_prefix" in section:
+        if provider == "azure":
+            raise section.error("path_prefix", "does not apply to provider = azure (its paths are built)")
+        if not path_prefix.startswith("/") or not re.fullmatch(r"[A-Za-z0-9._~!$&'()*+,;=:@%/-]+", path_prefix):
+            raise section.error("path_prefix", f"{section.raw('path_prefix')!r} is not a path such as /api")
+    api_version = section.get("api_version")
+    deployments: List[Tuple[str, str]] = []
+    if provider != "azure":
+        for key in ("api_version", "deployments"):
+            if key in section:
+                raise section.error(key, "only applies to provider = azure")
+    else:
+        api_version = (api_version or "").strip()
+        if not api_version:
+            raise section.error("api_version", "is required with provider = azure (a date such as 2024-10-21, or v1)")
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", api_version):
+            raise section.error("api_version", f"{section.raw('api_version')!r} is not an API version")
+        for number, line in enumerate((section.get("deployments") or "").splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not re.fullmatch(r"[A-Za-z0-9._-]+", parts[1]):
+                raise section.error("deployments", f"line {number}: expected 'model deployment'")
+            if parts[0] in dict(deployments):
+                raise section.error("deployments", f"line {number}: {parts[0]} is mapped twice")
+            deployments.append((parts[0], parts[1]))
+        if api_version == "v1" and deployments:
+            raise section.error("deployments", "does not apply with api_version = v1 (the body's model names the deployment)")
+        if api_version != "v1" and not deployments:
+            raise section.error("deployments", "is required with provider = azure: one 'model deployment' a line ('*' for any model)")
+    return {
+        "provider": provider, "api_key": api_key, "path_prefix": path_prefix,
+        "api_version": api_version, "deployments": tuple(deployments),
+    }
+
+
+def _checks(section: Section) -> HealthChecks:
+    """The ``checks.*`` keys."""
+    path = section.get("checks.active.path")
+    if path is not None:
+        path = path.strip()
+        if not path.startswith("/") or any(c.isspace() for c in path):
+            raise section.error("checks.active.path", "expected a path starting with '/' (e.g. /v1/models)")
+    elif any(key.startswith("checks.active.") for key in section.keys()):
+        key = next(key for key in section.keys() if key.startswith("checks.active."))
+        raise section.error(key, "needs checks.active.path (active checks are off without it)")
+    checks = HealthChecks(
+        passive_failures=section.number("checks.passive.failures", 3, minimum=1, integer=True),
+        passive_cooldown=section.number("checks.passive.cooldown", 30.0),
+        max_cooldown=section.number("checks.max_cooldown", 60.0),
+        active_path=path,
+        active_interval=section.number("checks.active.interval", 10.0),
+        active_timeout=section.number("checks.active.timeout", 5.0),
+        active_healthy=section.number("checks.active.healthy", 2, minimum=1, integer=True),
+        active_unhealthy=section.number("checks.active.unhealthy", 3, minimum=1, integer=True),
+    )
+    for key, value in (("checks.active.interval", checks.active_interval),
+                       ("checks.active.timeout", checks.active_timeout)):
+        if key in section and value <= 0:
+            raise section.error(key, "must be above 0")
+    return checks
 
 
 def _check_ca_file(section: Section, path: str, key: str = "ca_file") -> None:
@@ -678,8 +778,24 @@ def _route(
     if upstream not in upstreams:
         raise section.error("upstream", f"no section [upstream:{section.written('upstream', upstream)}]")
 
-    plugins = _plugins(section, ("uri", "methods", "upstream"), "route", consumers)
-    return RouteConfig(name, uris, upstream, methods, plugins)
+    fallback = tuple((section.get("fallback") or "").split())
+    for other in fallback:
+        if other not in upstreams:
+            raise section.error("fallback", f"no section [upstream:{section.written('fallback', other)}]")
+        if other == upstream or fallback.count(other) > 1:
+            raise section.error("fallback", f"{section.written('fallback', other)} is already tried before")
+    fallback_on = RouteConfig.fallback_on
+    if "fallback_on" in section:
+        fallback_on = frozenset((section.get("fallback_on") or "").lower().split())
+        for condition in fallback_on:
+            if condition not in ("429", "5xx", "timeout", "connect") and not re.fullmatch(r"5\d\d", condition):
+                raise section.error(
+                    "fallback_on",
+                    f"{section.written('fallback_on', condition)!r}: expected 429, 5xx, a 5xx code (503),"
+                    " timeout or connect",
+                )
+    plugins = _plugins(section, ("uri", "methods", "upstream", "fallback", "fallback_on"), "route", consumers)
+    return RouteConfig(name, uris, upstream, methods, plugins, fallback, fallback_on)
 
 
 def _check_overlaps(routes: Tuple[RouteConfig, ...], sections: List[Section]) -> None:

@@ -261,6 +261,99 @@ def test_sizes_and_defaults():
     assert config.routes[0].methods is None
 
 
+RESILIENT = """
+[upstream:openai]
+nodes = api.openai.com
+api_key = $ENV://OPENAI_API_KEY
+checks.passive.failures = 2
+checks.passive.cooldown = 15
+checks.max_cooldown = 120
+checks.active.path = /v1/models
+checks.active.interval = 5
+checks.active.timeout = 2
+checks.active.healthy = 1
+checks.active.unhealthy = 4
+
+[upstream:azure]
+nodes = example.openai.azure.com
+provider = azure
+api_key = $ENV://AZURE_KEY
+api_version = 2024-10-21
+deployments =
+    gpt-4o prod-4o
+    * fallback-deployment
+
+[upstream:local]
+scheme = http
+nodes = 127.0.0.1:11434
+provider = openai-compatible
+path_prefix = /ollama
+
+[route:chat]
+uri = /v1/chat/completions
+upstream = openai
+fallback = azure local
+fallback_on = 429 503 timeout
+"""
+ENV = {"OPENAI_API_KEY": "sk-canary-1", "AZURE_KEY": "az-canary-2"}
+
+
+def test_providers_checks_and_fallback_parse():
+    """Every new upstream and route key lands where it should; defaults hold."""
+    config = parse(RESILIENT, "gw.ini", ENV)
+    openai = config.upstreams["openai"]
+    assert (openai.provider, openai.api_key) == ("openai", "sk-canary-1")
+    checks = openai.checks
+    assert (checks.passive_failures, checks.passive_cooldown, checks.max_cooldown) == (2, 15, 120)
+    assert (checks.active_path, checks.active_interval, checks.active_timeout) == ("/v1/models", 5, 2)
+    assert (checks.active_healthy, checks.active_unhealthy) == (1, 4)
+    azure = config.upstreams["azure"]
+    assert (azure.provider, azure.api_version) == ("azure", "2024-10-21")
+    assert azure.deployments == (("gpt-4o", "prod-4o"), ("*", "fallback-deployment"))
+    assert azure.checks.passive_failures == 3 and azure.checks.active_path is None
+    assert (azure.checks.passive_cooldown, azure.checks.max_cooldown) == (30, 60)
+    local = config.upstreams["local"]
+    assert (local.provider, local.api_key, local.path_prefix) == ("openai-compatible", None, "/ollama")
+    (route,) = config.routes
+    assert route.fallback == ("azure", "local")
+    assert route.fallback_on == frozenset(("429", "503", "timeout"))
+    plain = parse(CONTRACT, "gw.ini", {"OPENAI_API_KEY": "k"}).routes[0]
+    assert plain.fallback == () and plain.fallback_on == frozenset(("429", "5xx", "timeout", "connect"))
+
+
+@pytest.mark.parametrize("old, new, where", [
+    ("provider = azure", "provider = bedrock", "[upstream:azure] provider"),
+    ("api_version = 2024-10-21\n", "", "[upstream:azure] api_version"),
+    ("    gpt-4o prod-4o\n    * fallback-deployment", "    gpt-4o", "[upstream:azure] deployments"),
+    ("    gpt-4o prod-4o\n", "    gpt-4o prod/4o\n", "[upstream:azure] deployments"),
+    ("    * fallback-deployment", "    gpt-4o again", "[upstream:azure] deployments"),
+    ("api_version = 2024-10-21", "api_version = v1", "[upstream:azure] deployments"),
+    ("path_prefix = /ollama", "path_prefix = ollama", "[upstream:local] path_prefix"),
+    ("path_prefix = /ollama", "api_version = 1", "[upstream:local] api_version"),
+    ("checks.passive.failures = 2", "checks.passive.failures = 0", "[upstream:openai] checks.passive.failures"),
+    ("checks.max_cooldown = 120", "checks.max_cooldown = -1", "[upstream:openai] checks.max_cooldown"),
+    ("checks.active.path = /v1/models", "checks.active.path = v1/models", "[upstream:openai] checks.active.path"),
+    ("checks.active.path = /v1/models\n", "", "[upstream:openai] checks.active.interval"),
+    ("checks.active.interval = 5", "checks.active.interval = 0", "[upstream:openai] checks.active.interval"),
+    ("checks.active.timeout = 2", "checks.active.timeout = x", "[upstream:openai] checks.active.timeout"),
+    ("checks.active.healthy = 1", "checks.active.healthys = 1", "[upstream:openai] checks.active.healthys"),
+    ("fallback = azure local", "fallback = azure nowhere", "[route:chat] fallback"),
+    ("fallback = azure local", "fallback = azure openai", "[route:chat] fallback"),
+    ("fallback = azure local", "fallback = azure azure", "[route:chat] fallback"),
+    ("fallback_on = 429 503 timeout", "fallback_on = 404", "[route:chat] fallback_on"),
+])
+def test_resilience_errors_name_the_key(old, new, where):
+    """Bad provider, checks and fallback keys are errors naming the section and key."""
+    assert old in RESILIENT
+    message = bad(RESILIENT.replace(old, new), ENV)
+    assert f"/etc/gw.ini: {where}: " in message
+
+
+def test_bad_api_key_never_quoted():
+    """An api_key error does not show the resolved key."""
+    message = bad(RESILIENT, {"OPENAI_API_KEY": "sk-canary\nline", "AZURE_KEY": "a"})
+    assert "[upstream:openai] api_key" in message and "canary" not in message
+
 def test_token_is_rfc_9110s():
     """TOKEN (str and bytes) matches exactly RFC 9110's tchar, one or more."""
     tchar = set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
