@@ -10,6 +10,17 @@ Per-request knobs (request headers): ``X-Fake-Chunks`` (stream chunks, default
 (wait before answering, default 0), ``X-Fake-Bytes`` (content size for model
 "big", default 1 MiB).  Special models: hang, hang-body, error-429, error-500,
 die-mid-stream, big.
+
+Trouble for a while (``POST /_fake/trouble`` with JSON ``{"status": 429,
+"retry_after": "2", "seconds": 2}`` or ``{"hang": true, "times": 3}``; ``{}`` ends
+it): every API request answers that status (an OpenAI error body, the given
+``Retry-After``) or hangs, for ``seconds`` or ``times`` requests.
+
+Azure mode (``--azure-key KEY``, ``--azure-api-version V``): the API is served as
+Azure OpenAI's: ``/openai/deployments/<deployment>/chat/completions?api-version=V``,
+``/openai/models?api-version=V`` and ``/openai/v1/...``, with ``api-key: KEY``; a
+request with an ``Authorization`` header, another key or another api-version gets 401
+or 400.  The deployment name is answered as the model.
 """
 
 from __future__ import annotations
@@ -244,10 +255,13 @@ class FakeOpenAI(Resource):
     MODELS = ("gpt-4o-mini", "gpt-4o", "big", "hang", "hang-body", "error-429",
               "error-500", "die-mid-stream")
 
-    def __init__(self, reactor: IReactorTime, name: str = "fake") -> None:
+    def __init__(self, reactor: IReactorTime, name: str = "fake", azure_key: Optional[str] = None,
+                 azure_api_version: str = "2024-10-21") -> None:
         super().__init__()
         self.reactor, self.name = reactor, name
+        self.azure_key, self.azure_api_version = azure_key, azure_api_version
         self.received: List[ReceivedRequest] = []
+        self.trouble: Dict[str, Any] = {}  # see the module docstring
 
     def render(self, request: server.Request) -> Any:
         request.setHeader(b"server", b"fake-openai")
@@ -265,14 +279,69 @@ class FakeOpenAI(Resource):
         self.received.append(record)
         ex = _Exchange(self.reactor, request, record)
         request.setHeader(b"x-request-id", b"req_" + uuid.uuid4().hex.encode())
+        if self._in_trouble():
+            if self.trouble.get("hang"):
+                return server.NOT_DONE_YET
+            retry_after = self.trouble.get("retry_after")
+            if retry_after is not None:
+                request.setHeader(b"retry-after", str(retry_after).encode())
+            status = int(self.trouble.get("status", 503))
+            return self._json(request, status, _error(
+                f"Trouble on {self.name} (fake {status}).",
+                "requests" if status == 429 else "server_error",
+                "rate_limit_exceeded" if status == 429 else None))
+        deployment = None
+        if self.azure_key is not None:
+            path, deployment, refusal = self._azure(request, path)
+            if refusal is not None:
+                return refusal
         if method == "POST" and path == "/v1/chat/completions":
-            return self._chat(ex)
+            return self._chat(ex, deployment)
         if method == "GET" and path == "/v1/models":
             return self._json(request, 200, {"object": "list", "data": [
                 {"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"}
                 for m in self.MODELS]})
         return self._json(request, 404, _error(f"Invalid URL ({method} {path})",
                                                "invalid_request_error"))
+
+    def _in_trouble(self) -> bool:
+        trouble = self.trouble
+        if not trouble:
+            return False
+        if "until" in trouble and self.reactor.seconds() >= trouble["until"]:
+            trouble.clear()
+            return False
+        if "times" in trouble:
+            if trouble["times"] <= 0:
+                trouble.clear()
+                return False
+            trouble["times"] -= 1
+        return True
+
+    def _azure(self, request: server.Request, path: str) -> Tuple[str, Optional[str], Optional[bytes]]:
+        """Check an Azure-shaped request; return the OpenAI path it stands for, the
+        deployment, and a refusal to send instead (None if all is well)."""
+        if request.getHeader(b"authorization") is not None:
+            return path, None, self._json(request, 401, _error(
+                "Azure OpenAI takes the key in api-key here, not Authorization", "invalid_request_error"))
+        if request.getHeader(b"api-key") != (self.azure_key or "").encode():
+            return path, None, self._json(request, 401, _error(
+                "Access denied due to invalid subscription key.", "invalid_request_error", "401"))
+        if path.startswith("/openai/v1/"):
+            if b"api-version" in request.args:
+                return path, None, self._json(request, 400, _error(
+                    "The v1 API takes no api-version", "invalid_request_error"))
+            return path[len("/openai"):], None, None
+        versions = request.args.get(b"api-version", [])
+        if versions != [self.azure_api_version.encode()]:
+            return path, None, self._json(request, 400, _error(
+                f"api-version {versions!r} is not supported here", "invalid_request_error"))
+        parts = path.split("/")
+        if len(parts) >= 4 and parts[1:3] == ["openai", "deployments"]:
+            return "/v1/" + "/".join(parts[4:]), parts[3], None
+        if path.startswith("/openai/"):
+            return "/v1/" + path[len("/openai/"):], None, None
+        return path, None, self._json(request, 404, _error("Resource not found", "invalid_request_error", "404"))
 
     def _json(self, request: server.Request, code: int, obj: Any) -> bytes:
         data = json.dumps(obj).encode()
@@ -286,6 +355,15 @@ class FakeOpenAI(Resource):
             return self._json(request, 200, [r.to_json() for r in self.received])
         if method == "POST" and path == "/_fake/reset":
             del self.received[:]
+            self.trouble = {}
+            return self._json(request, 200, {"ok": True})
+        if method == "POST" and path == "/_fake/trouble":
+            content = cast(IO[bytes], request.content)
+            content.seek(0)
+            trouble = dict(json.loads(content.read() or b"{}"))
+            if "seconds" in trouble:
+                trouble["until"] = self.reactor.seconds() + float(trouble.pop("seconds"))
+            self.trouble = trouble
             return self._json(request, 200, {"ok": True})
         if method == "GET" and path == "/_fake/health":
             request.setHeader(b"content-type", b"text/plain")
@@ -293,7 +371,7 @@ class FakeOpenAI(Resource):
         return self._json(request, 404, _error(f"Invalid URL ({method} {path})",
                                                "invalid_request_error"))
 
-    def _chat(self, ex: _Exchange) -> Any:
+    def _chat(self, ex: _Exchange, deployment: Optional[str] = None) -> Any:
         request = ex.request
         try:
             body = json.loads(ex.record.body)
@@ -307,8 +385,9 @@ class FakeOpenAI(Resource):
             return self._json(request, 400, _error(
                 f"We could not parse the JSON body of your request. ({e})",
                 "invalid_request_error"))
-        if body.get("model") != "hang":
-            ex.later(delay, self._respond, ex, body, str(body.get("model", "")), n, interval, size)
+        model = deployment or str(body.get("model", ""))
+        if model != "hang":
+            ex.later(delay, self._respond, ex, body, model, n, interval, size)
         return server.NOT_DONE_YET
 
     def _respond(self, ex: _Exchange, body: dict, model: str, n: int,
@@ -387,40 +466,42 @@ class _Channel(http.HTTPChannel):
         return ok
 
 
-def make_site(reactor: IReactorTime, name: str = "fake") -> server.Site:
-    """A Site serving a new FakeOpenAI (reachable as ``site.resource``)."""
-    site = server.Site(FakeOpenAI(reactor, name), reactor=reactor)
+def make_site(reactor: IReactorTime, name: str = "fake", **options: Any) -> server.Site:
+    """A Site serving a new FakeOpenAI (reachable as ``site.resource``); ``options``
+    go to FakeOpenAI."""
+    site = server.Site(FakeOpenAI(reactor, name, **options), reactor=reactor)
     site.protocol = _Channel  # type: ignore[assignment,method-assign]
     return site
 
 
 def start_fake_upstream(
     tmpdir: "str | os.PathLike[str]", name: str = "fake", tls: bool = True,
-    cert: Optional[str] = None, timeout: float = 10.0,
+    cert: Optional[str] = None, timeout: float = 10.0, port: int = 0,
+    azure_key: Optional[str] = None,
 ) -> Tuple["subprocess.Popen[bytes]", int]:
     """Spawn ``python -m openaigw.testing`` on 127.0.0.1 and return (process, port).
 
     With *tls* it serves *cert* (key + cert PEM; default ``<tmpdir>/server.pem``,
-    created by :func:`make_test_ca` if missing).  It logs to
-    ``<tmpdir>/fake-<name>.log`` and exits when its stdin closes; stop it with
-    :func:`stop_process`.
+    created by :func:`make_test_ca` if missing).  It listens on *port* (0: any free
+    one), in Azure mode with *azure_key*.  It logs to ``<tmpdir>/fake-<name>.log``
+    and exits when its stdin closes; stop it with :func:`stop_process`.
     """
     tmpdir = os.fspath(tmpdir)
-    endpoint = "tcp:port=0:interface=127.0.0.1"
+    endpoint = f"tcp:port={port}:interface=127.0.0.1"
     if tls:
         if cert is None:
             cert = os.path.join(tmpdir, "server.pem")
             if not os.path.exists(cert):
                 make_test_ca(tmpdir)
         escaped = cert.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
-        endpoint = f"ssl:port=0:interface=127.0.0.1:privateKey={escaped}"
+        endpoint = f"ssl:port={port}:interface=127.0.0.1:privateKey={escaped}"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
     log_path = os.path.join(tmpdir, f"fake-{name}.log")
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "openaigw.testing", "--listen", endpoint,
-             "--name", name, "--exit-on-eof"],
+             "--name", name, "--exit-on-eof"] + (["--azure-key", azure_key] if azure_key else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=env)
     try:
         fd, buf, deadline = cast(IO[bytes], proc.stdout).fileno(), b"", time.monotonic() + timeout
@@ -576,7 +657,8 @@ def _serve(reactor: Any, args: argparse.Namespace) -> Any:
     from twisted.internet.endpoints import serverFromString
     from twisted.internet.stdio import StandardIO
 
-    site = make_site(reactor, args.name)
+    options = {"azure_key": args.azure_key, "azure_api_version": args.azure_api_version}
+    site = make_site(reactor, args.name, **options)
     for description in args.listen:
         port = yield serverFromString(reactor, description).listen(site)
         log.info("fake upstream {name} listening on {addr}", name=args.name, addr=port.getHost())
@@ -595,6 +677,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--name", default="fake", help="value of the x-fake-node header")
     parser.add_argument("--make-ca", metavar="DIR", help="write a test PKI into DIR and exit")
     parser.add_argument("--exit-on-eof", action="store_true", help="exit when stdin closes")
+    parser.add_argument("--azure-key", help="serve the API as Azure OpenAI, with this api-key")
+    parser.add_argument("--azure-api-version", default="2024-10-21", help="the api-version it takes")
     parser.add_argument("-v", "--verbose", action="store_true", help="log info and access lines")
     args = parser.parse_args(argv)
     if args.make_ca:

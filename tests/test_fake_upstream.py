@@ -113,3 +113,43 @@ def test_rogue_cert_fails_verification(pki, tmp_path):
             own.wrap_socket(sock, server_hostname="localhost").close()
     finally:
         stop_process(proc)
+
+
+def test_trouble_mode(pki, port):
+    """/_fake/trouble: a status with Retry-After for a while (or a number of
+    requests), then normal answers again."""
+    with _http(pki, port) as c:
+        c.post("/_fake/trouble", json={"status": 429, "retry_after": "2", "times": 2})
+        for _ in range(2):
+            r = c.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []})
+            assert r.status_code == 429 and r.headers["retry-after"] == "2"
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert c.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []}).status_code == 200
+        c.post("/_fake/trouble", json={"status": 503, "seconds": 60})
+        assert c.get("/v1/models").status_code == 503
+        c.post("/_fake/trouble", json={})
+        assert c.get("/v1/models").status_code == 200
+
+
+def test_azure_mode(pki, tmp_path):
+    """Azure mode checks the path, the api-version and the api-key header, and
+    refuses Authorization."""
+    proc, azure_port = start_fake_upstream(pki.directory, name="azure", azure_key="az-key")
+    chat = "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21"
+    body = {"model": "ignored", "messages": []}
+    try:
+        with _http(pki, azure_port) as c:
+            r = c.post(chat, json=body, headers={"api-key": "az-key"})
+            assert r.status_code == 200 and r.json()["model"] == "prod-4o"
+            assert c.post(chat, json=body, headers={"api-key": "az-key", "authorization": "Bearer x"}).status_code == 401
+            assert c.post(chat, json=body, headers={"api-key": "other"}).status_code == 401
+            assert c.post(chat.replace("2024-10-21", "2023-01-01"), json=body,
+                          headers={"api-key": "az-key"}).status_code == 400
+            assert c.post("/v1/chat/completions?api-version=2024-10-21", json=body,
+                          headers={"api-key": "az-key"}).status_code == 404
+            assert c.get("/openai/models?api-version=2024-10-21", headers={"api-key": "az-key"}).status_code == 200
+            r = c.post("/openai/v1/chat/completions", json={"model": "gpt-4o", "messages": []},
+                       headers={"api-key": "az-key"})
+            assert r.status_code == 200 and r.json()["model"] == "gpt-4o"
+    finally:
+        stop_process(proc)
