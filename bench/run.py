@@ -55,6 +55,9 @@ CACHE_STREAMS = 50
 # The cost of shared state: the seed route with a limit-count kept in this process's
 # memory, and in Redis (redis-server on the load core).
 STATE_TARGETS = ("limit-memory", "limit-redis")
+# The cost of health bookkeeping: the seed (one node, passive checks only) against
+# three nodes with passive and active checks.
+HEALTH_TARGETS = ("openaigw", "openaigw-health")
 CLIENT_KEY = "sk-bench-client-key-0001"
 PROXY_CORE, LOAD_CORE = 0, 1
 # Several upstream workers (sharing LOAD_CORE): nginx timers set in one event-loop
@@ -201,9 +204,13 @@ def start_nginx(prefix: str, conf: str, port: int, core: int) -> "subprocess.Pop
     return proc
 
 
-def upstream_server(port: int, plan: Plan) -> str:
+def upstream_server(port: int, plan: Plan, more_ports: Tuple[int, ...] = ()) -> str:
     body = CHAT_COMPLETION.replace("'", "\\'")
-    return f"""listen 127.0.0.1:{port} reuseport;
+    listen = "".join(f"listen 127.0.0.1:{p} reuseport;\n" for p in (port,) + more_ports)
+    return f"""{listen}location = /v1/models {{
+    default_type application/json;
+    return 200 '{{"object":"list","data":[]}}';
+}}
 location = /v1/chat/completions {{
     if ($http_x_bench_stream = "fast") {{ rewrite ^ /_stream/fast last; }}
     if ($http_x_bench_stream = "slow") {{ rewrite ^ /_stream/slow last; }}
@@ -229,10 +236,12 @@ location / {{
 }}"""
 
 
-def gateway_ini(gw_port: int, upstream_port: int, variant: str = "openaigw", tmp: str = "") -> str:
+def gateway_ini(gw_port: int, upstream_port: int, variant: str = "openaigw", tmp: str = "",
+                health_ports: Tuple[int, ...] = ()) -> str:
     """The seed etc/gw.ini, pointed at the bench upstream over plain http; ``variant``
     openaigw-bare turns the access log off, openaigw-full turns every check on,
-    openaigw-cache turns the cache on (entries live 1 s: each round starts cold)."""
+    openaigw-cache turns the cache on (entries live 1 s: each round starts cold),
+    openaigw-health has three nodes (``health_ports``) with active checks."""
     gateway, route = "", ""
     if variant == "openaigw-cache":
         gateway = f"access_log = {tmp}/access-cache.log\n"
@@ -245,6 +254,10 @@ def gateway_ini(gw_port: int, upstream_port: int, variant: str = "openaigw", tmp
         route = ("key-auth = on\nlimit-count.count = 1000000000\nlimit-count.time_window = 3600\n"
                  "ai-rate-limiting.limit = 1000000000000\nai-rate-limiting.time_window = 3600\n")
     consumer = f"\n[consumer:bench]\nkey = {CLIENT_KEY}\n" if variant == "openaigw-full" else ""
+    nodes = f"    127.0.0.1:{upstream_port} 1\n"
+    if variant == "openaigw-health":
+        nodes = "".join(f"    127.0.0.1:{p} 1\n" for p in health_ports)
+        nodes += "checks.active.path = /v1/models\nchecks.active.interval = 1\n"
     return f"""[gateway]
 listen = tcp:port={gw_port}:interface=127.0.0.1:backlog=1024
 max_body_size = 10M
@@ -252,8 +265,7 @@ max_body_size = 10M
 [upstream:bench]
 scheme = http
 nodes =
-    127.0.0.1:{upstream_port} 1
-type = roundrobin
+{nodes}type = roundrobin
 timeout_connect = 6
 timeout_read = 60
 
@@ -341,10 +353,12 @@ class Bench:
             f.write(WRK_LUA % (body, CLIENT_KEY))
         up, px = free_port(), free_port()
         self.ports = {"direct": up, "nginx": px}
+        health_ports = (up, free_port(), free_port())
         module = echo_module()
         self.procs.append(start_nginx(
             f"{self.tmp}/upstream", nginx_conf(f"{self.tmp}/upstream", upstream_server(
-                up, self.plan), module=module, workers=UPSTREAM_WORKERS), up, LOAD_CORE))
+                up, self.plan, health_ports[1:]), module=module, workers=UPSTREAM_WORKERS),
+            up, LOAD_CORE))
         keepalive = (f"    upstream bench_upstream {{ server 127.0.0.1:{up}; keepalive 64; "
                      "keepalive_requests 1000000; keepalive_timeout 60s; }")
         self.procs.append(start_nginx(f"{self.tmp}/proxy", nginx_conf(
@@ -360,11 +374,12 @@ class Bench:
         rpr = free_port()
         self.start_python("twisted-rpr", rpr, [os.path.join(_HERE, "rpr.py"), str(rpr), str(up)])
         env = dict(os.environ, OPENAI_API_KEY="sk-bench")
-        for variant in GATEWAYS + CACHE_TARGETS[1:]:
+        for variant in GATEWAYS + CACHE_TARGETS[1:] + HEALTH_TARGETS[1:]:
             gw = self.ports[variant] = free_port()
             directory = os.path.join(self.tmp, variant)
             os.mkdir(directory)
-            gateway = start_gateway(directory, gateway_ini(gw, up, variant, directory), gw, env=env)
+            ini = gateway_ini(gw, up, variant, directory, health_ports)
+            gateway = start_gateway(directory, ini, gw, env=env)
             self.procs.append(gateway)
             pin_pid(gateway.pid, PROXY_CORE)
             self.pids[variant] = gateway.pid
@@ -488,6 +503,22 @@ def start_state_targets(bench: Bench) -> None:
         result = run_wrk(gw, 1, bench.plan.wrk_connections, bench.lua)  # warm up, and check
         if result["errors"]:
             raise RuntimeError(f"{target} on port {gw} answers errors: {result}")
+
+
+def health_table(bench: Bench) -> str:
+    """CPU per request of the seed gateway (one node, passive checks) and of one with
+    three nodes and active checks too, and their per-round ratio (target: <= 1.05)."""
+    rows = [["wrk c=%d, same run" % bench.plan.wrk_connections, "req/s", "CPU us/req",
+             "CPU vs seed (per round)"]]
+    seed = bench.raw.get("health.cpu_us_per_req", {}).get("openaigw", [])
+    for target in HEALTH_TARGETS:
+        rounds = bench.raw.get("health.cpu_us_per_req", {}).get(target, [])
+        ratios = [r / b for r, b in zip(rounds, seed) if b]
+        rows.append([target, fmt(summary(bench, "health.rps", target)),
+                     fmt(summary(bench, "health.cpu_us_per_req", target)),
+                     fmt(statistics.median(ratios) if ratios else float("nan"), 3)
+                     + " (" + " ".join(fmt(r, 3) for r in ratios) + ")"])
+    return layout(rows)
 
 
 def state_table(bench: Bench) -> str:
@@ -694,7 +725,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round (< 1 minute)")
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers here")
-    parser.add_argument("--only", choices=("state", "workers"), help="run this workload only")
+    parser.add_argument("--only", choices=("state", "workers", "health"), help="run this workload only")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
@@ -722,6 +753,8 @@ def main() -> None:
             bench.rounds("feat", bench.throughput, FEATURE_TARGETS, plan.feature_rounds)
             bench.rounds("hitcpu", bench.throughput, CACHE_TARGETS)
             bench.rounds("cstream", bench.cache_streams, CACHE_TARGETS[1:])
+        if args.only in (None, "health"):
+            bench.rounds("health", bench.throughput, HEALTH_TARGETS, plan.feature_rounds)
         if args.only in (None, "state"):
             start_state_targets(bench)
             bench.rounds("state", bench.throughput, STATE_TARGETS, plan.feature_rounds)
@@ -743,6 +776,8 @@ def main() -> None:
         print(text)
         print("\n" + features_table(bench))
         print("\n" + cache_table(bench))
+    if args.only in (None, "health"):
+        print("\n" + health_table(bench))
     if args.only in (None, "state"):
         print("\n" + state_table(bench))
     if args.only in (None, "workers"):
