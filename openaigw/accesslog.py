@@ -43,6 +43,7 @@ class AccessRecord:
     model: Optional[str] = None
     usage: Optional[Usage] = None
     retries: int = 0
+    failed_attempts: Optional[str] = None  # "upstream node reason; ..." (fallback, retries)
     error: Optional[str] = None  # why the gateway answered itself, or cut the answer
     limit: Optional[str] = None  # the limit that rejected the request
     cache: Optional[str] = None  # hit, miss, coalesced or bypass, on routes with cache = on
@@ -74,6 +75,7 @@ class AccessRecord:
             "total_tokens": usage.total_tokens if usage else None,
             "tokens_estimated": usage.estimated if usage else None,
             "retries": self.retries,
+            "failed_attempts": self.failed_attempts,
             "error": self.error,
             "limit": self.limit,
             "cache": self.cache,

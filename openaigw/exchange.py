@@ -47,6 +47,7 @@ class Exchange:
     meter: Optional[UsageMeter] = None
     node: Optional[str] = None  # the upstream node (last) tried
     retries: int = 0
+    failures: List[str] = field(default_factory=list)  # "upstream node reason" of failed attempts
     cache: Optional[CachedRequest] = None
     _json: Any = _UNPARSED
     _on_complete: List[Callable[["Exchange"], None]] = field(default_factory=list)
@@ -75,6 +76,10 @@ class Exchange:
         if self.meter is None:
             return None
         return self.meter.usage(lambda: estimate_prompt_tokens(self.json()))
+
+    def failed_attempt(self, upstream: str, node: Optional[str], reason: str) -> None:
+        """Note an attempt that failed (``node`` None: none could be tried) for the log."""
+        self.failures.append(f"{upstream} {node or '-'} {reason}")
 
     def on_complete(self, callback: Callable[["Exchange"], None]) -> None:
         """Run ``callback(exchange)`` once the exchange is over."""

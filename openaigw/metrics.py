@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from itertools import accumulate
-from typing import Any, Dict, Iterator, List, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Set, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 from zope.interface import implementer
 
 from openaigw.accesslog import AccessRecord
+from openaigw.health import NodeStatus
 from openaigw.interfaces import IRequestObserver
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -57,6 +58,7 @@ class _RequestStats:
     def __init__(self) -> None:
         self.requests: Dict[Tuple[str, str, str], int] = {}
         self.tokens: Dict[Tuple[str, str, str, str], int] = {}
+        self.answers: Dict[Tuple[str, str, str], int] = {}
         self.cache: Dict[Tuple[str, str], int] = {}
         self.tokens_saved: Dict[str, int] = {}
         self.duration = _Histogram(
@@ -79,6 +81,12 @@ class _RequestStats:
         )
         for labels, value in self.tokens.items():
             tokens.add_metric(labels, value)
+        answers = CounterMetricFamily(
+            "openaigw_upstream_answers", "Answers relayed, by the upstream and node that gave them.",
+            labels=["route", "upstream", "node"],
+        )
+        for labels, value in self.answers.items():
+            answers.add_metric(labels, value)
         cache = CounterMetricFamily(
             "openaigw_cache_requests", "Requests on routes with the cache on, by X-Cache-Status.",
             labels=["route", "status"],
@@ -92,11 +100,34 @@ class _RequestStats:
         for route, value in self.tokens_saved.items():
             saved.add_metric([route], value)
         yield requests
+        yield answers
         yield cache
         yield saved
         yield self.duration.family("route")
         yield self.ttfb.family("route")
         yield tokens
+
+
+class _NodeHealth:
+    """The state of every upstream node, read from ``source`` when scraped."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[NodeStatus]] = lambda: ()
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "openaigw_upstream_node_up", "1 while the node takes requests, 0 while it is cooling down or down.",
+            labels=["upstream", "node"],
+        )
+        cooldown = GaugeMetricFamily(
+            "openaigw_upstream_node_cooldown_seconds", "Seconds left of the node's cooldown.",
+            labels=["upstream", "node"],
+        )
+        for status in self.source():
+            up.add_metric([status.upstream, status.node], 1.0 if status.usable else 0.0)
+            cooldown.add_metric([status.upstream, status.node], status.seconds_left)
+        yield up
+        yield cooldown
 
 
 @implementer(IRequestObserver)
@@ -108,6 +139,8 @@ class Metrics:
         r = self.registry
         self._stats = _RequestStats()
         r.register(self._stats)
+        self.node_health = _NodeHealth()  # its source is set by the service
+        r.register(self.node_health)
         self.streams = Gauge("openaigw_active_streams", "Event streams being relayed.", ["route"], registry=r)
         self.upstream_failures = Counter(
             "openaigw_upstream_failures", "Failed upstream attempts.", ["upstream", "node", "reason"], registry=r
@@ -152,6 +185,9 @@ class Metrics:
         key = (route, consumer, str(record.status))
         stats.requests[key] = stats.requests.get(key, 0) + 1
         stats.duration.observe(route, record.duration)
+        if record.upstream_status is not None and record.upstream_node is not None:
+            answered = (route, record.upstream or "", record.upstream_node)
+            stats.answers[answered] = stats.answers.get(answered, 0) + 1
         if record.ttfb is not None:
             stats.ttfb.observe(route, record.ttfb)
         if record.limit is not None:

@@ -24,10 +24,14 @@ from openaigw.headers import request_headers, response_headers
 from openaigw.interfaces import IRequestFilter
 from openaigw.server import GatewayRequest
 from openaigw.telemetry import Telemetry
-from openaigw.upstream import Upstream
+from openaigw.config import Node
+from openaigw.fallback import UpstreamChain
+from openaigw.upstream import Discard, Upstream
 from openaigw.usage import UsageMeter, ask_for_usage
 
 log = Logger()
+# Why an answer was cut -> the failure it counts as for the node's health.
+_NODE_FAULTS = {"upstream_body_cut": "body_cut", "upstream_read_timeout": "body_timeout"}
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,100})"')
 _USAGE_APIS = (b"/chat/completions", b"/completions")  # whose streams give usage when asked
 
@@ -48,13 +52,6 @@ def _ask_for_usage(exchange: Exchange) -> None:
         exchange.set_json(body)
         exchange.strip_usage = True
         exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])  # strippable
-
-
-class _Discard(Protocol):
-    """The consumer of a body nobody will read: it stops it (its connection closes)."""
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
 
 
 @implementer(IPushProducer)
@@ -172,21 +169,21 @@ class BodyRelay(Protocol):
 
 
 class RouteResource(Resource):
-    """Proxies requests of one route to its upstream, through the route's filters."""
+    """Proxies requests of one route to its upstreams, through the route's filters."""
 
     isLeaf = True
 
     def __init__(
         self,
         name: str,
-        upstream: Upstream,
+        upstreams: UpstreamChain,
         filters: Sequence[Any],
         clock: Any,
         telemetry: Optional[Telemetry] = None,
     ) -> None:
         super().__init__()
         self.name = name
-        self._upstream = upstream
+        self._upstreams = upstreams
         self._clock = clock
         self._telemetry = telemetry or Telemetry()
         self._request_filters: List[Any] = [f for f in filters if IRequestFilter.providedBy(f)]
@@ -207,7 +204,7 @@ class RouteResource(Resource):
         )
         context.hold()  # released, and so reported, in _done
         record.route = self.name
-        record.upstream = self._upstream.config.name
+        record.upstream = self._upstreams.primary.config.name
         record.model = _model(exchange)
         exchange.headers.setRawHeaders(b"x-request-id", [record.request_id.encode("ascii")])
         handling = Deferred.fromCoroutine(self._proxy(exchange))
@@ -224,22 +221,23 @@ class RouteResource(Resource):
         record.consumer = exchange.consumer
         record.upstream_node = exchange.node
         record.retries = exchange.retries
+        record.failed_attempts = "; ".join(exchange.failures) or None
         record.usage = exchange.usage
         exchange.context.release()
 
     async def _proxy(self, exchange: Exchange) -> None:
         try:
             await run_filters(self._request_filters, exchange)
-            if self._upstream.config.stream_usage:
+            if self._upstreams.stream_usage:
                 _ask_for_usage(exchange)
             if exchange.cache is not None:  # from the cache, or fetched through it
                 await exchange.cache.serve(exchange, self)
                 return
-            response, node = await self._upstream.send(exchange)
+            response, upstream, node = await self._upstreams.send(exchange)
         except errors.GatewayError as e:
             errors.write_error(exchange.request, e, exchange.response_headers)
             return
-        await self._relay(exchange, response)
+        await self._relay(exchange, response, upstream, node)
 
     def send_head(self, exchange: Exchange, head: Head, length: Optional[int]) -> bool:
         """Send the answer's status and headers (``head``'s, changed for this client);
@@ -288,7 +286,7 @@ class RouteResource(Resource):
         """Make ``exchange``'s upstream request for ``flight``, and write the answer
         into it (the flight's clients get it from there)."""
         try:
-            response, node = await self._upstream.send(exchange)
+            response, upstream, node = await self._upstreams.send(exchange)
         except errors.GatewayError as e:
             flight.fail(e)
             return
@@ -299,11 +297,11 @@ class RouteResource(Resource):
             streamed = content_type.lower().startswith(b"text/event-stream")
             flight.start(head, streamed, encoding.lower() == b"identity", response.length)
         except Exception:  # a bug: the body must not pile up unread in the response
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             raise
-        await self._deliver(exchange, response, flight, None, streamed)
+        await self._deliver(exchange, response, upstream, node, flight, None, streamed)
 
-    async def _relay(self, exchange: Exchange, response: IResponse) -> None:
+    async def _relay(self, exchange: Exchange, response: IResponse, upstream: Upstream, node: Node) -> None:
         try:
             head = self._upstream_head(exchange, response)
             streamed = self.send_head(exchange, head, response.length)
@@ -311,17 +309,18 @@ class RouteResource(Resource):
             if 200 <= head.code < 300:  # usage for logs and metrics; limits charge it too
                 meter = exchange.meter = head.meter(exchange.strip_usage)
         except Exception:  # a bug: the body must not pile up unread in the response
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             raise
-        await self._deliver(exchange, response, exchange.request, meter, streamed)
+        await self._deliver(exchange, response, upstream, node, exchange.request, meter, streamed)
 
     async def _deliver(
-        self, exchange: Exchange, response: IResponse, client: Any, meter: Optional[UsageMeter],
-        streamed: bool,
+        self, exchange: Exchange, response: IResponse, upstream: Upstream, node: Node, client: Any,
+        meter: Optional[UsageMeter], streamed: bool,
     ) -> None:
-        """Relay the upstream body to ``client`` (the request, or a flight)."""
+        """Relay the body of ``upstream`` ``node``'s answer to ``client`` (the request,
+        or a flight)."""
         relay = BodyRelay(
-            client, self._clock, self._upstream.config.timeout_read, meter, self._cut(exchange)
+            client, self._clock, upstream.config.timeout_read, meter, self._cut(exchange, upstream, node)
         )
         response.deliverBody(relay)
         if streamed:
@@ -335,10 +334,12 @@ class RouteResource(Resource):
             if streamed:
                 self._telemetry.stream_closed(self.name)
 
-    def _cut(self, exchange: Exchange) -> Any:
+    def _cut(self, exchange: Exchange, upstream: Upstream, node: Node) -> Any:
         def cut(reason: str) -> None:
             exchange.context.record.error = reason
-            self._telemetry.upstream_failed(self._upstream.config.name, exchange.node or "", reason)
+            self._telemetry.upstream_failed(upstream.config.name, node.address, reason)
+            if reason in _NODE_FAULTS:
+                upstream.health.finished(node, False, _NODE_FAULTS[reason])
 
         return cut
 

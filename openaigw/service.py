@@ -22,6 +22,8 @@ from openaigw.accesslog import AccessLog
 from openaigw.config import Config
 from openaigw.consumers import Consumer, KeyRing
 from openaigw.descriptors import fit_connections
+from openaigw.fallback import UpstreamChain
+from openaigw.health import Health, NodeStatus
 from openaigw.metrics import Metrics
 from openaigw.plugins import REGISTRY
 from openaigw.relay import RouteResource
@@ -39,12 +41,15 @@ log = Logger()
 def build_routes(
     config: Config, reactor: Any, runtime: Runtime, telemetry: Telemetry,
     running: Optional[Dict[str, Upstream]] = None,
+    healths: Optional[Dict[str, Health]] = None,
 ) -> Tuple[IResource, Dict[str, Upstream]]:
     """The root resource serving ``config``'s routes, and the upstreams it calls.
 
     ``runtime.keyring`` is filled with ``config``'s consumers; the response cache's
     store is sized for its routes.  Upstreams in ``running`` whose configuration is
-    unchanged are kept (with their pooled connections) instead of made anew.
+    unchanged are kept (with their pooled connections) instead of made anew; a new
+    one keeps its nodes' health from ``healths`` (by name: the previous
+    configuration's) when its nodes and checks are the same.
     """
     runtime.responses.size_for(config)
     for consumer in config.consumers:
@@ -52,15 +57,20 @@ def build_routes(
         filters = tuple(REGISTRY[p.name].create(p.settings, runtime, scope) for p in consumer.plugins)
         runtime.keyring.add(consumer.key_digest, Consumer(consumer.name, filters))
     running = running or {}
+    healths = healths or {}
     upstreams = {
-        name: running[name] if name in running and running[name].config == u else Upstream(reactor, u, telemetry)
+        name: running[name] if name in running and running[name].config == u
+        else Upstream(reactor, u, telemetry, healths.get(name))
         for name, u in config.upstreams.items()
     }
     routes = []
     for route in config.routes:
         scope = f"route:{route.name}"
         filters = [REGISTRY[p.name].create(p.settings, runtime, scope) for p in route.plugins]
-        resource = RouteResource(route.name, upstreams[route.upstream], filters, reactor, telemetry)
+        chain = UpstreamChain(
+            [upstreams[name] for name in (route.upstream,) + route.fallback], route.fallback_on, reactor
+        )
+        resource = RouteResource(route.name, chain, filters, reactor, telemetry)
         routes.append((route.uris, route.methods, resource))
     return Router(routes), upstreams
 
@@ -125,6 +135,17 @@ class GatewayService(Service):
             old.close()
         if gateway.status and self.telemetry.metrics is None:
             self.telemetry.metrics = Metrics(gateway.metrics_max_models)
+            self.telemetry.metrics.node_health.source = self._node_statuses
+
+    def _node_statuses(self) -> List[NodeStatus]:
+        return [status for upstream in self._upstreams.values() for status in upstream.health.statuses()]
+
+    def route_health(self) -> Dict[str, List[Health]]:
+        """The health of each route's upstreams, in the order they are tried (/readyz)."""
+        return {
+            route.name: [self._upstreams[name].health for name in (route.upstream,) + route.fallback]
+            for route in self.config.routes
+        }
 
     @property
     def degraded(self) -> Optional[str]:
@@ -192,6 +213,8 @@ class GatewayService(Service):
             self._runtime.redis.start()
         if self.catalog is not None:
             self.catalog.start()
+        for upstream in self._upstreams.values():
+            upstream.start()  # active health checks
         # After twistd's own handlers are in place: a SIGTERM stop is a clean exit (0),
         # not a re-raised signal.
         self._reactor.addSystemEventTrigger("after", "startup", signal.signal, signal.SIGTERM, self._signal)
@@ -262,7 +285,8 @@ class GatewayService(Service):
         listeners failed."""
         runtime = dataclasses.replace(self._runtime, keyring=KeyRing())  # the same shared state
         running = self._upstreams if keep_upstreams else None
-        root, upstreams = build_routes(config, self._reactor, runtime, self.telemetry, running)
+        healths = {name: upstream.health for name, upstream in self._upstreams.items()}
+        root, upstreams = build_routes(config, self._reactor, runtime, self.telemetry, running, healths)
         self._configure_telemetry(config)
 
         def commit() -> List[str]:
@@ -280,6 +304,10 @@ class GatewayService(Service):
             for name, upstream in old_upstreams.items():
                 if upstreams.get(name) is not upstream:
                     upstream.close()  # idle connections; busy ones finish their request
+            if self.running:
+                for name, upstream in upstreams.items():
+                    if old_upstreams.get(name) is not upstream:
+                        upstream.start()  # active health checks
             return [failure.getErrorMessage() for failure in failures]
 
         return commit

@@ -14,17 +14,18 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
-from openaigw import errors
+from openaigw import errors, provider
 from openaigw.balancer import RoundRobin
 from openaigw.config import Node, UpstreamConfig
 from openaigw.exchange import Exchange
@@ -36,6 +37,8 @@ from openaigw.h1client import (
     StaleConnection,
     serialize_request,
 )
+from openaigw.health import Health, retry_after
+from openaigw.probes import ActiveChecks, treq_probe
 from openaigw.telemetry import Telemetry
 
 log = Logger()
@@ -176,6 +179,9 @@ STALE = "stale"  # the same, on a reused connection (the upstream may have close
 CUT = "cut"  # the connection was lost in the answer's head
 INVALID = "invalid"  # the answer is not HTTP/1.1 this client can read
 
+# Kinds where the request never reached the upstream.
+NOT_SENT = frozenset((CONNECT, DNS, TLS, CONNECT_TIMEOUT, BUSY))
+
 # Methods a proxy may repeat on its own (RFC 9110 9.2.2), when they carry no body.
 _REPEATABLE = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 
@@ -232,6 +238,25 @@ def classify(error: BaseException, node: Node) -> AttemptFailure:
     return AttemptFailure(kind, node, reached, answer, _describe(error))
 
 
+class Discard(Protocol):
+    """The consumer of a body nobody will read: it stops it (its connection closes)."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+class NoUsableNode(Exception):
+    """Every node of the upstream is out (cooling down, or down)."""
+
+
+class AttemptsFailed(Exception):
+    """No node gave an answer; ``failure`` is the last attempt's."""
+
+    def __init__(self, failure: AttemptFailure) -> None:
+        super().__init__(failure.detail)
+        self.failure = failure
+
+
 _LOG_FORMATS = {
     TIMEOUT: "upstream {upstream} node {node}: no response within {timeout}s",
     INVALID: "upstream {upstream} node {node}: invalid response: {reason}",
@@ -243,26 +268,75 @@ _CANNOT_CONNECT = "upstream {upstream} node {node}: cannot connect: {reason}"  #
 
 
 class Upstream:
-    """One ``[upstream:NAME]``: its connection pool, balancer and request policy."""
+    """One ``[upstream:NAME]``: its connection pool, balancer, nodes' health, provider
+    and request policy."""
 
-    def __init__(self, reactor: Any, config: UpstreamConfig, telemetry: Optional[Telemetry] = None) -> None:
-        """Requests go over a pool of connections to the nodes' :class:`NodeEndpoint` s."""
+    def __init__(
+        self, reactor: Any, config: UpstreamConfig, telemetry: Optional[Telemetry] = None,
+        health: Optional[Health] = None,
+    ) -> None:
+        """Requests go over a pool of connections to the nodes' :class:`NodeEndpoint` s.
+        ``health`` (the same upstream's, before a reload) is kept if it fits ``config``."""
         self.config = config
+        self._clock = reactor
         self._telemetry = telemetry or Telemetry()
-        self._balancer = RoundRobin(config.nodes)
+        self._nodes = [node for node in config.nodes if node.weight > 0]
+        if health is None or not health.fits(self._nodes, config.checks):
+            health = Health(reactor, config.name, self._nodes, config.checks)
+        self.health = health
+        self._balancer = RoundRobin(config.nodes, self.health.available)
+        endpoints = node_endpoints(reactor, config)
         self.pool = ConnectionPool(
-            reactor, node_endpoints(reactor, config), config.keepalive_pool, config.keepalive_timeout,
+            reactor, endpoints, config.keepalive_pool, config.keepalive_timeout,
             config.max_connections, config.timeout_connect,
         )
+        self._checks: Optional[ActiveChecks] = None
+        if config.checks.active_path is not None:
+            probe = treq_probe(reactor, endpoints, config.scheme)
+            self._checks = ActiveChecks(reactor, config, self.health, probe)
+        self._paths = provider.PathMapper(config)
+        self._credential = provider.credential(config)
+        self._own_credentials = provider.touches_credentials(config)
         default = 443 if config.scheme == "https" else 80
         self._node_hosts = {  # Host as pass_host = node sends it
             node: (node.address if node.port != default else node.address.rsplit(":", 1)[0]).encode("idna")
             for node in config.nodes
         }
 
+    def start(self) -> None:
+        """Start the active health checks, if configured."""
+        if self._checks is not None:
+            self._checks.start()
+
     def close(self) -> "Deferred[Any]":
-        """Close idle pooled connections now, busy ones once answered (on shutdown)."""
+        """Stop the checks; close idle pooled connections now, busy ones once
+        answered (on shutdown and reload)."""
+        if self._checks is not None:
+            self._checks.stop()
         return self.pool.close()
+
+    def usable(self) -> bool:
+        """Whether a node may take a request now."""
+        return any(self.health.available(node) for node in self._nodes)
+
+    def path(self, exchange: Exchange) -> bytes:
+        """The path (and query) to send ``exchange`` to: the provider's form of it.
+        Raises an OpenAI-shaped 400 when Azure has no deployment for its model."""
+        model = None
+        if self._paths.needs_model:
+            body = exchange.json()
+            model = body.get("model") if isinstance(body, dict) else None
+            if not isinstance(model, str):
+                model = None
+        return self._paths.path(exchange.path, model)
+
+    def can_map(self, exchange: Exchange) -> bool:
+        """Whether :meth:`path` has a path for ``exchange``."""
+        try:
+            self.path(exchange)
+        except errors.GatewayError:
+            return False
+        return True
 
     def _host_header(self, node: Node, exchange: Exchange) -> bytes:
         if self.config.pass_host == "rewrite":
@@ -276,26 +350,46 @@ class Upstream:
     async def send(self, exchange: Exchange) -> Tuple[IResponse, Node]:
         """Send ``exchange`` to a node; return the response (headers received).
 
-        Each failed attempt is classified (:func:`classify`) and reported, and
-        :meth:`_next_node` decides on another.  Raises :class:`GatewayError` (502,
-        504) when no response can be had.
+        Each attempt's outcome counts for its node's health.  Each failed attempt is
+        classified (:func:`classify`) and reported, and :meth:`_next_node` decides on
+        another.  Raises :class:`GatewayError` (the 400 of :meth:`path`),
+        :class:`NoUsableNode` when every node is out, and :class:`AttemptsFailed`
+        when no response can be had.
         """
+        path = self.path(exchange)
+        headers = exchange.headers
+        if self._own_credentials:  # this upstream's only: a fallback may need the route's
+            headers = headers.copy()
+            provider.set_credential(self.config, headers, self._credential)
         failures: List[AttemptFailure] = []
         node = self._balancer.pick()
+        if node is None:
+            raise NoUsableNode()
+        health = self.health
         while True:
-            assert node is not None
             exchange.node = node.address
+            trial = health.begin(node)
             try:
-                return await self._request(node, exchange), node
+                response = await self._request(node, exchange, path, headers)
             except CancelledError:
+                health.finished(node, trial, "cancelled")
                 raise
             except Exception as e:
                 failure = classify(e, node)
-            self._report(failure)
+                health.finished(node, trial, failure.kind)
+            else:
+                code = response.code
+                if code == 429:
+                    health.finished(node, trial, "429", retry_after(response.headers, self._clock.seconds()))
+                else:
+                    health.finished(node, trial, "5xx" if code >= 500 else "ok")
+                return response, node
+            self._report(failure, exchange)
             failures.append(failure)
-            node = self._next_node(failures, exchange)
-            if node is None:
-                raise failure.error
+            next_node = self._next_node(failures, exchange)
+            if next_node is None:
+                raise AttemptsFailed(failure)
+            node = next_node
             exchange.retries += 1
 
     def _next_node(self, failures: List[AttemptFailure], exchange: Exchange) -> Optional[Node]:
@@ -318,17 +412,25 @@ class Upstream:
             return None
         return self._balancer.pick(tried)
 
-    def _request(self, node: Node, exchange: Exchange) -> "Deferred[IResponse]":
-        headers = exchange.headers
+    def _request(self, node: Node, exchange: Exchange, path: bytes, headers: Headers) -> "Deferred[IResponse]":
         headers.setRawHeaders(b"host", [self._host_header(node, exchange)])
         has_body = bool(exchange.body) or exchange.method in (b"POST", b"PUT", b"PATCH")
-        head = serialize_request(exchange.method, exchange.path, headers, exchange.body if has_body else None)
+        head = serialize_request(exchange.method, path, headers, exchange.body if has_body else None)
         return self.pool.request(  # type: ignore[return-value]
             node, [head, exchange.body] if has_body else [head],
             exchange.method == b"HEAD", self.config.timeout_read,
         )
 
-    def _report(self, failure: AttemptFailure) -> None:
+    def left(self, exchange: Exchange, node: Node, response: IResponse) -> None:
+        """``response`` is dropped for a fallback's: noted for the log and metrics,
+        and its connection closed."""
+        reason = f"status_{response.code}"
+        exchange.failed_attempt(self.config.name, node.address, reason)
+        self._telemetry.upstream_failed(self.config.name, node.address, reason)
+        response.deliverBody(Discard())
+
+    def _report(self, failure: AttemptFailure, exchange: Exchange) -> None:
+        exchange.failed_attempt(self.config.name, failure.node.address, failure.kind)
         log.warn(
             _LOG_FORMATS.get(failure.kind, _CANNOT_CONNECT),
             upstream=self.config.name, node=failure.node.address, reason=failure.detail,

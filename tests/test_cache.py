@@ -203,7 +203,7 @@ key = {KEY_B}
 
 @pytest.mark.parametrize("reply", [
     response(b"500 Internal Server Error", b"", b'{"error": {}}'),
-    response(b"429 Too Many Requests", b"retry-after: 1\r\n", b'{"error": {}}'),
+    response(b"429 Too Many Requests", b"retry-after: 0\r\n", b'{"error": {}}'),  # 0: the node stays in
     response(b"201 Created", b"", ANSWER),
     response(b"200 OK", b"Cache-Control: private, no-store\r\n", ANSWER),
 ])

@@ -33,6 +33,8 @@ access_log = {log}
 scheme = https
 nodes = 127.0.0.1:{fake}
 ca_file = {ca}
+; its 429s must not take the only node out (these tests are about the cache)
+checks.max_cooldown = 0
 
 [consumer:team-a]
 key = {key_a}

@@ -141,7 +141,8 @@ def get_status(request) -> int:
 def test_health_endpoints(gateway):
     """/healthz and /readyz answer 200 once the gateway listens."""
     assert get(f"http://127.0.0.1:{gateway['status']}/healthz") == (200, "ok\n")
-    assert get(f"http://127.0.0.1:{gateway['status']}/readyz") == (200, "ok\n")
+    status, body = get(f"http://127.0.0.1:{gateway['status']}/readyz")
+    assert status == 200 and body.startswith("ok\n") and "upstream fake node 127.0.0.1:" in body
 
 
 def test_sighup_reopens_access_log(gateway):
