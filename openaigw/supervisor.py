@@ -223,6 +223,11 @@ class Supervisor(Service):
         """Serving: started, not stopping, and at least one worker accepting."""
         return self._announced and not self._stopping and any(w.ready for w in self._workers.values())
 
+    def route_health(self) -> Dict[str, List[Any]]:
+        """Node health is each worker's own (passive checks see only its traffic):
+        the supervisor's /readyz reports none of it."""
+        return {}
+
     # Start-up
 
     def privilegedStartService(self) -> None:
