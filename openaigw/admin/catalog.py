@@ -189,8 +189,9 @@ class Catalog:
         return self._objects[kind].get(id)
 
     def routes_using(self, upstream_id: str) -> List[str]:
+        """The API's routes calling ``upstream_id`` (first, or as a fallback)."""
         return sorted(id for id, value in self._objects["routes"].items()
-                      if value.get("upstream_id") == upstream_id)
+                      if upstream_id == value.get("upstream_id") or upstream_id in value.get("fallback", ()))
 
     def validate(self, kind: str, id: str, value: Dict[str, Any]) -> Dict[str, Any]:
         """``value`` checked on its own, in the form it is kept (a consumer's key hashed)."""

@@ -228,7 +228,32 @@ _UPSTREAM_FIELDS = {
     **_METADATA, "nodes": "", "type": "string", "scheme": "string", "pass_host": "string",
     "upstream_host": "string", "timeout": "object", "retries": "integer",
     "keepalive_pool": "object", "ca_file": "string", "max_connections": "integer",
+    "api_key": "string", "provider": "string", "path_prefix": "string", "api_version": "string",
+    "deployments": "object", "checks": "object",
 }
+# APISIX's health check fields -> gw.ini's checks.* keys (openaigw counts any failure).
+_CHECKS = {
+    "active": ("object", {"http_path": ("string", "checks.active.path"), "timeout": ("number", "checks.active.timeout"),
+                          "healthy": ("object", {"interval": ("number", "checks.active.interval"),
+                                                 "successes": ("integer", "checks.active.healthy")}),
+                          "unhealthy": ("object", {"interval": ("number", "checks.active.interval"),
+                                                   "http_failures": ("integer", "checks.active.unhealthy")})}),
+    "passive": ("object", {"unhealthy": ("object", {"http_failures": ("integer", "checks.passive.failures")}),
+                           "cooldown": ("number", "checks.passive.cooldown")}),
+    "max_cooldown": ("number", "checks.max_cooldown"),
+}
+
+
+def _checks(value: Dict[str, Any], known: Mapping[str, Any], field: str, flat: Flat) -> None:
+    check_fields(value, {name: kind for name, (kind, _) in known.items()}, field)
+    for name, item in value.items():
+        kind, target = known[name]
+        if kind == "object":
+            _checks(item, target, f"{field}.{name}", flat)
+        elif target in flat.items and flat.items[target] != _text(item):
+            raise invalid(f"{field}.{name}", f"openaigw has one {target}: give the same value as {flat.fields[target]}")
+        else:
+            flat.set(target, item, f"{field}.{name}")
 
 
 def _nodes(nodes: Any, field: str) -> str:
@@ -267,9 +292,16 @@ def upstream(name: str, value: Dict[str, Any], environ: Mapping[str, str], field
     if "nodes" not in value:
         raise invalid(f"{prefix}nodes", "is required")
     flat.set("nodes", _nodes(value["nodes"], f"{prefix}nodes"), f"{prefix}nodes")
-    for key in ("type", "scheme", "pass_host", "upstream_host", "retries", "ca_file", "max_connections"):
+    for key in ("type", "scheme", "pass_host", "upstream_host", "retries", "ca_file", "max_connections",
+                "api_key", "provider", "path_prefix", "api_version"):
         if key in value:
             flat.set(key, value[key], f"{prefix}{key}")
+    if "deployments" in value:  # {"model": "deployment"} ("*": any model)
+        for model, deployment in value["deployments"].items():
+            check_type(deployment, "string", f"{prefix}deployments.{model}")
+        lines = "\n".join(f"{model} {deployment}" for model, deployment in value["deployments"].items())
+        flat.set("deployments", lines, f"{prefix}deployments")
+    _checks(value.get("checks", {}), _CHECKS, f"{prefix}checks", flat)
     timeout = value.get("timeout", {})
     check_fields(timeout, {"connect": "number", "send": "number", "read": "number"}, f"{prefix}timeout")
     for key in ("connect", "read"):
@@ -292,6 +324,7 @@ def upstream(name: str, value: Dict[str, Any], environ: Mapping[str, str], field
 _ROUTE_FIELDS = {
     **_METADATA, "uri": "string", "uris": "array", "methods": "array", "priority": "integer",
     "status": "integer", "upstream": "object", "upstream_id": "string", "plugins": "object",
+    "fallback": "array", "fallback_on": "array",
 }
 
 
@@ -346,6 +379,13 @@ def route(
     else:
         raise AdminError(400, 'invalid configuration: missing upstream: give "upstream" or "upstream_id"')
     flat.set("upstream", name, "upstream_id")
+    for key in ("fallback", "fallback_on"):  # upstream ids tried after the route's own; on what
+        if key in value:
+            for number, item in enumerate(value[key]):
+                check_type(item, "string", f"{key}[{number}]")
+                if not item or any(c.isspace() for c in item):
+                    raise invalid(f"{key}[{number}]", f"{item!r} is not a name")
+            flat.set(key, " ".join(value[key]), key)
     _plugins(value, "route", flat)
     section = JsonSection(f"route:{route_id}", flat, environ)
     return _parsed(lambda: config._route(section, upstreams, consumers)), inline, section
