@@ -470,3 +470,44 @@ def test_changes_keep_unchanged_upstreams(admin):
     assert admin.service._upstreams["file-up"] is before["file-up"]
     _result(admin.catalog.reload(admin.file))
     assert admin.service._upstreams["file-up"] is not before["file-up"]
+
+
+def test_resilience_fields(admin):
+    """Upstream api_key, provider, Azure deployments and checks (APISIX's shape), and
+    route fallback map to gw.ini's keys; a fallback upstream cannot be deleted."""
+    code, body = admin.call("PUT", "/apisix/admin/upstreams/azure", {
+        "nodes": {"example.openai.azure.com:443": 1}, "provider": "azure", "api_version": "2024-10-21",
+        "api_key": "$ENV://AZURE_KEY", "deployments": {"gpt-4o": "prod-4o", "*": "default"},
+        "checks": {"active": {"http_path": "/health", "timeout": 2, "healthy": {"interval": 5, "successes": 2},
+                              "unhealthy": {"interval": 5, "http_failures": 4}},
+                   "passive": {"unhealthy": {"http_failures": 2}, "cooldown": 10}, "max_cooldown": 90}})
+    assert code == 400 and "$ENV://AZURE_KEY: environment variable AZURE_KEY is not set" in body["error_msg"]
+    admin.catalog._environ = {"AZURE_KEY": "sk-azure"}
+    code, body = admin.call("PUT", "/apisix/admin/upstreams/azure", {
+        "nodes": {"example.openai.azure.com:443": 1}, "provider": "azure", "api_version": "2024-10-21",
+        "api_key": "$ENV://AZURE_KEY", "deployments": {"gpt-4o": "prod-4o", "*": "default"},
+        "checks": {"active": {"http_path": "/health", "timeout": 2, "healthy": {"interval": 5, "successes": 2},
+                              "unhealthy": {"interval": 5, "http_failures": 4}},
+                   "passive": {"unhealthy": {"http_failures": 2}, "cooldown": 10}, "max_cooldown": 90}})
+    assert code == 201, body
+    upstream = admin.service.config.upstreams["azure"]
+    assert (upstream.provider, upstream.api_key, upstream.api_version) == ("azure", "sk-azure", "2024-10-21")
+    assert upstream.deployments == (("gpt-4o", "prod-4o"), ("*", "default"))
+    checks = upstream.checks
+    assert (checks.active_path, checks.active_timeout, checks.active_interval) == ("/health", 2, 5)
+    assert (checks.active_healthy, checks.active_unhealthy, checks.passive_failures) == (2, 4, 2)
+    assert (checks.passive_cooldown, checks.max_cooldown) == (10, 90)
+    code, body = admin.call("PUT", "/apisix/admin/upstreams/x", {
+        "nodes": {"h:1": 1}, "checks": {"active": {"http_path": "/h", "healthy": {"interval": 5},
+                                                   "unhealthy": {"interval": 6}}}})
+    assert code == 400 and 'property "checks.active.unhealthy.interval"' in body["error_msg"]
+    code, body = admin.call("PUT", "/apisix/admin/routes/r", {
+        "uri": "/v1/chat/completions", "upstream_id": "file-up", "fallback": ["azure"], "fallback_on": ["429", "5xx"]})
+    assert code == 201, body
+    route = [r for r in admin.service.config.routes if r.name == "r"][0]
+    assert route.fallback == ("azure",) and route.fallback_on == frozenset(("429", "5xx"))
+    code, body = admin.call("DELETE", "/apisix/admin/upstreams/azure")
+    assert code == 400 and "route [r] is still using it" in body["error_msg"]
+    code, body = admin.call("PUT", "/apisix/admin/routes/r2", {"uri": "/y", "upstream_id": "file-up", "fallback": ["nope"]})
+    assert code == 400 and 'property "fallback"' in body["error_msg"]
+    assert "sk-azure" not in json.dumps(admin.call("GET", "/apisix/admin/upstreams")[1])
