@@ -239,6 +239,12 @@ class RouteResource(Resource):
             return
         await self._relay(exchange, response, upstream, node)
 
+    @property
+    def timeout(self) -> float:
+        """Seconds a client may not read a shared answer before it is cut: the route's
+        first upstream's ``timeout_read``."""
+        return self._upstreams.primary.config.timeout_read
+
     def send_head(self, exchange: Exchange, head: Head, length: Optional[int]) -> bool:
         """Send the answer's status and headers (``head``'s, changed for this client);
         True if it is an event stream."""

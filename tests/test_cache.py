@@ -643,3 +643,22 @@ def test_followers_get_no_cookie_of_the_leader():
     _, headers, body = split(follower.value())
     assert (headers[b"x-cache-status"], body) == (b"COALESCED", [ANSWER])
     assert b"set-cookie" not in headers
+
+
+def test_client_not_reading_a_shared_answer_is_cut_after_the_read_timeout():
+    """A client that stops reading a coalesced (or replayed) answer is cut after the
+    upstream's timeout_read, as without the cache, even once the upstream is done."""
+    gw = Gateway(CONFIG)
+    _, leader = gw.client(post(CHAT, STREAM_BODY))
+    slow_channel, slow = gw.client(post(CHAT, STREAM_BODY))
+    upstream = gw.upstream(0)
+    upstream.send(STREAM_HEAD)
+    slow.producer.pauseProducing()  # the client's socket is full, and stays so
+    upstream.send(b"".join(chunked(e) for e in events("a", "b")) + b"0\r\n\r\n")
+    assert b"".join(split(leader.value())[2]) == b"".join(events("a", "b"))
+    gw.reactor.advance(29)
+    assert not slow.disconnected
+    gw.reactor.advance(1)  # timeout_read = 30
+    assert slow.disconnected  # aborted
+    slow_channel.connectionLost(Failure(ConnectionDone()))
+    assert [(r.cache, r.error) for r in gw.records] == [("miss", None), ("coalesced", "client_send_timeout")]

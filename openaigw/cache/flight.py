@@ -153,11 +153,14 @@ class Flight:
         self._waiting = still
         self._update_producer()
 
-    def subscribe(self, request: Any, meter: Any = None, on_cut: Any = None) -> "Subscriber":
+    def subscribe(
+        self, request: Any, meter: Any = None, on_cut: Any = None, clock: Any = None, timeout: float = 0.0
+    ) -> "Subscriber":
         """Write this answer's body (from its start) to ``request`` (a GatewayRequest);
         the caller sent the head.  ``meter`` (a UsageMeter) sees, and may change,
-        what is written; ``on_cut(why)`` is told if the client's answer is cut."""
-        subscriber = Subscriber(self, request, meter, on_cut)
+        what is written; ``on_cut(why)`` is told if the client's answer is cut.  With a
+        ``clock``, a client that does not read for ``timeout`` seconds is cut."""
+        subscriber = Subscriber(self, request, meter, on_cut, clock, timeout)
         self._subscribers.append(subscriber)
         subscriber.start()
         self._update_producer()
@@ -278,14 +281,21 @@ class Flight:
 @implementer(IPushProducer)
 class Subscriber:
     """One client of a flight: writes the flight's chunks to its request, pausing
-    when the client does.  ``done`` fires when the client's answer is over (written
-    whole, cut, or the client left); ``complete`` says whether it was written whole."""
+    when the client does (for at most ``timeout`` seconds on ``clock``, if given).
+    ``done`` fires when the client's answer is over (written whole, cut, or the
+    client left); ``complete`` says whether it was written whole."""
 
-    def __init__(self, flight: Flight, request: Any, meter: Any = None, on_cut: Any = None) -> None:
+    def __init__(
+        self, flight: Flight, request: Any, meter: Any = None, on_cut: Any = None,
+        clock: Any = None, timeout: float = 0.0,
+    ) -> None:
         self._flight = flight
         self._request = request
         self._meter = meter
         self._on_cut = on_cut
+        self._clock = clock
+        self._timeout = timeout
+        self._timer: Any = None  # while paused: the client not reading
         self.cursor = 0  # the next chunk's index
         self.consumed = 0  # bytes of the flight's chunks taken
         self.paused = False
@@ -355,6 +365,7 @@ class Subscriber:
 
     def _close(self) -> None:
         self._closed = True
+        self._stop_timer()
         if not self.done.called:  # (a cancelled wait for it has fired it)
             self.done.callback(None)
         self._flight._unsubscribe(self)
@@ -362,12 +373,20 @@ class Subscriber:
     # IPushProducer, for the client connection
     def pauseProducing(self) -> None:
         self.paused = True
+        if self._clock is not None and self._timer is None and not self._closed:
+            self._timer = self._clock.callLater(self._timeout, self.cut, "client_send_timeout")
         self._flight._update_producer()
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self._stop_timer()
         self._flight._update_producer()
         self.pump()
 
     def stopProducing(self) -> None:
         self.leave()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None

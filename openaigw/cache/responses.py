@@ -148,8 +148,8 @@ class CachedRequest:
     async def serve(self, exchange: Exchange, relay: Any) -> None:
         """Answer ``exchange``'s client.  ``relay`` (the route's) provides
         ``fetch(exchange, flight)``, the upstream request with its answer written
-        into the flight, and ``send_head(exchange, head, length)``, the client's
-        status line and headers."""
+        into the flight, ``send_head(exchange, head, length)``, the client's
+        status line and headers, and ``timeout``, how long a client may not read."""
         responses = self._responses
         shared = True
         if self.lookup:
@@ -230,7 +230,8 @@ class CachedRequest:
             if charged:
                 exchange.meter = meter
         record = exchange.context.record
-        subscriber = flight.subscribe(exchange.request, meter, lambda why: setattr(record, "error", why))
+        subscriber = flight.subscribe(exchange.request, meter, lambda why: setattr(record, "error", why),
+                                      self._responses.clock, relay.timeout)
         try:
             await subscriber.done
         except CancelledError:
