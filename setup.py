@@ -18,5 +18,6 @@ setup(
         "zope.interface>=5.5",
         "prometheus-client>=0.16",
         "hiredis>=1.0",
+        "treq>=22.2",
     ],
 )
