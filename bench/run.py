@@ -1,7 +1,7 @@
 """openaigw benchmark: the gateway against a direct connection, nginx, Twisted's own
 floors and Twisted's ReverseProxyResource, in one run.
 
-    python bench/run.py [--quick] [--json results.json]
+    python bench/run.py [--quick] [--json results.json] [--baseline DIR]
 
 Starts on 127.0.0.1 a fast fake OpenAI upstream (nginx: canned chat.completion, and
 SSE streams timed by the echo module), nginx as a plain reverse proxy (the
@@ -43,6 +43,9 @@ from openaigw.testing import RedisServer, free_port, start_gateway, stop_process
 TARGETS = ("direct", "nginx", "twisted-tcp", "twisted-site", "twisted-rpr", "openaigw")
 RELAYS = tuple(t for t in TARGETS if t != "twisted-site")  # answer with the upstream's answers
 PROXIES = ("nginx", "twisted-tcp", "twisted-rpr", "openaigw")  # the +X columns
+# With --baseline DIR: the seed gateway run from another source tree (a checkout of an
+# older commit), in the main table beside openaigw, for a before/after from one run.
+BEFORE = "openaigw-before"
 # The cost of features, throughput only: the gateway bare (no access log, no metrics),
 # as seeded (access log on), and with key-auth, a request limit, a token limit, the
 # access log and metrics all on; the floors beside them.
@@ -339,8 +342,10 @@ def run_wrk(port: int, seconds: int, connections: int, lua: str) -> Dict[str, fl
 
 
 class Bench:
-    def __init__(self, plan: Plan, tmp: str) -> None:
-        self.plan, self.tmp = plan, tmp
+    def __init__(self, plan: Plan, tmp: str, baseline: str = "") -> None:
+        self.plan, self.tmp, self.baseline = plan, tmp, baseline
+        extra = (BEFORE,) if baseline else ()
+        self.targets, self.relays, self.proxies = TARGETS + extra, RELAYS + extra, PROXIES + extra
         self.procs: List["subprocess.Popen[bytes]"] = []
         self.ports: Dict[str, int] = {}
         self.pids: Dict[str, int] = {}  # process serving each proxy target
@@ -374,12 +379,13 @@ class Bench:
         rpr = free_port()
         self.start_python("twisted-rpr", rpr, [os.path.join(_HERE, "rpr.py"), str(rpr), str(up)])
         env = dict(os.environ, OPENAI_API_KEY="sk-bench")
-        for variant in GATEWAYS + CACHE_TARGETS[1:] + HEALTH_TARGETS[1:]:
+        for variant in GATEWAYS + CACHE_TARGETS[1:] + HEALTH_TARGETS[1:] + self.targets[len(TARGETS):]:
             gw = self.ports[variant] = free_port()
             directory = os.path.join(self.tmp, variant)
             os.mkdir(directory)
-            ini = gateway_ini(gw, up, variant, directory, health_ports)
-            gateway = start_gateway(directory, ini, gw, env=env)
+            ini = gateway_ini(gw, up, "openaigw" if variant == BEFORE else variant, directory, health_ports)
+            root = self.baseline if variant == BEFORE else None
+            gateway = start_gateway(directory, ini, gw, env=env, root=root)
             self.procs.append(gateway)
             pin_pid(gateway.pid, PROXY_CORE)
             self.pids[variant] = gateway.pid
@@ -411,8 +417,9 @@ class Bench:
         return cpu_seconds(self.pids[target]) if target in self.pids else float("nan")
 
     def rounds(self, name: str, fn: Callable[[str, int], Dict[str, float]],
-               targets: Tuple[str, ...] = TARGETS, rounds: int = 0) -> None:
-        """Run *fn* for each target, rotating the order each round."""
+               targets: Tuple[str, ...] = (), rounds: int = 0) -> None:
+        """Run *fn* for each target (default: the main table's), rotating the order each round."""
+        targets = targets or self.targets
         for r in range(rounds or self.plan.rounds):
             order = targets[r % len(targets):] + targets[:r % len(targets)]
             for target in order:
@@ -640,23 +647,28 @@ def table(bench: Bench) -> Tuple[str, Dict[str, Dict[str, float]]]:
         ("slow.peak_rss_mib", "  proxy peak RSS MiB (max)", False),
         ("slow.rss_per_stream_kib", "  proxy RSS/stream KiB (max)", False),
     ]
-    compared = ("nginx", "twisted-tcp", "twisted-site", "twisted-rpr")  # the gw/X columns
+    targets, proxies = bench.targets, bench.proxies
+    # the gw/X columns
+    compared = ("nginx", "twisted-tcp", "twisted-site", "twisted-rpr") + targets[len(TARGETS):]
+    def short(target: str) -> str:
+        return target.replace("twisted-", "").replace("openaigw-", "")
+
     head = (["workload", "direct", "nginx proxy", "twisted tcp", "twisted site", "twisted rpr",
-             "openaigw"] + ["gw/" + t.replace("twisted-", "") for t in compared]
-            + ["+" + t.replace("twisted-", "") for t in PROXIES])
+             "openaigw"] + [t.replace("-", " ") for t in targets[len(TARGETS):]]
+            + ["gw/" + short(t) for t in compared] + ["+" + short(t) for t in proxies])
     lines = [head]
     medians: Dict[str, Dict[str, float]] = {}
     for metric, label, latency in rows:
-        m = {t: summary(bench, metric, t, "(max)" in label) for t in TARGETS}
+        m = {t: summary(bench, metric, t, "(max)" in label) for t in targets}
         medians[metric] = m
         ratios = [m["openaigw"] / m[t] if m[t] else float("nan") for t in compared]
-        cells = [label] + [fmt(m[t]) for t in TARGETS] + [fmt(r, 2) for r in ratios]
-        cells += [fmt(m[t] - m["direct"]) if latency else "" for t in PROXIES]
+        cells = [label] + [fmt(m[t]) for t in targets] + [fmt(r, 2) for r in ratios]
+        cells += [fmt(m[t] - m["direct"]) if latency else "" for t in proxies]
         lines.append(cells)
     errors = {t: sum(sum(v.get(t, [])) for k, v in bench.raw.items() if k.endswith(".errors"))
-              for t in TARGETS}
-    lines.append(["errors (wrk + open loop)"] + [fmt(errors[t]) for t in TARGETS]
-                 + [""] * (len(head) - 1 - len(TARGETS)))
+              for t in targets}
+    lines.append(["errors (wrk + open loop)"] + [fmt(errors[t]) for t in targets]
+                 + [""] * (len(head) - 1 - len(targets)))
     text = layout(lines)
     return text, medians
 
@@ -725,6 +737,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round (< 1 minute)")
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers here")
+    parser.add_argument("--baseline", metavar="DIR", default="",
+                        help="also run the gateway from this source tree (a checkout of an older "
+                             "commit) as openaigw-before, in the main table")
     parser.add_argument("--only", choices=("state", "workers", "health"), help="run this workload only")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
@@ -741,15 +756,15 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up as on Ctrl-C
     started = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="openaigw-bench-")
-    bench = Bench(plan, tmp)
+    bench = Bench(plan, tmp, os.path.abspath(args.baseline) if args.baseline else "")
     try:
         bench.start()
-        print("  ".join(f"{t} :{bench.ports[t]}" for t in TARGETS), flush=True)
+        print("  ".join(f"{t} :{bench.ports[t]}" for t in bench.targets), flush=True)
         if args.only is None:
             bench.rounds("tput", bench.throughput)
-            bench.rounds("rate", bench.fixed_rate, RELAYS)
-            bench.rounds("fast", bench.fast_streams, RELAYS)
-            bench.rounds("slow", bench.slow_streams, RELAYS)
+            bench.rounds("rate", bench.fixed_rate, bench.relays)
+            bench.rounds("fast", bench.fast_streams, bench.relays)
+            bench.rounds("slow", bench.slow_streams, bench.relays)
             bench.rounds("feat", bench.throughput, FEATURE_TARGETS, plan.feature_rounds)
             bench.rounds("hitcpu", bench.throughput, CACHE_TARGETS)
             bench.rounds("cstream", bench.cache_streams, CACHE_TARGETS[1:])

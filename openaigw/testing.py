@@ -546,10 +546,11 @@ def free_port() -> int:
 
 def start_gateway(
     tmpdir: "str | os.PathLike[str]", config: str, port: int,
-    env: Optional[Dict[str, str]] = None, timeout: float = 15.0,
+    env: Optional[Dict[str, str]] = None, timeout: float = 15.0, root: Optional[str] = None,
 ) -> "subprocess.Popen[bytes]":
     """Write *config* to ``<tmpdir>/gw.ini`` and run ``twistd -n openaigw`` on it, as
-    users do; return once *port* (its listener) accepts connections.
+    users do; return once *port* (its listener) accepts connections.  The gateway's
+    code comes from *root* (default: this source tree).
 
     It logs to ``<tmpdir>/gateway.log``; stop it with :func:`stop_process`.
     """
@@ -558,7 +559,7 @@ def start_gateway(
     with open(path, "w", encoding="utf-8") as f:
         f.write(config)
     environ = dict(os.environ if env is None else env)
-    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, environ.get("PYTHONPATH")]))
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root or _ROOT, environ.get("PYTHONPATH")]))
     log_path = os.path.join(tmpdir, "gateway.log")
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
