@@ -14,7 +14,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from openaigw import errors
+from openaigw import errors, writethrough
 from openaigw.accesslog import AccessRecord
 from openaigw.config import GatewayConfig
 from openaigw.context import RequestContext
@@ -263,10 +263,19 @@ class GatewayRequest(Request):
         super().process()
 
     def write(self, data: bytes) -> None:
-        if not self.startedWriting:
-            record = self.context.record
-            record.ttfb = self._site.clock.seconds() - record.started
-        super().write(data)
+        if self.startedWriting:
+            super().write(data)
+            return
+        record = self.context.record
+        record.ttfb = self._site.clock.seconds() - record.started
+        # Twisted writes the head, then the body's first bytes: one send for both.
+        transport = self.channel.transport
+        held = writethrough.hold(transport)
+        try:
+            super().write(data)
+        finally:
+            if held:
+                writethrough.release(transport)
 
     def finish(self) -> None:
         super().finish()

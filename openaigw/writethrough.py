@@ -8,6 +8,10 @@ under load the wait lets several upstream reads pile up into one client write
 connection whose buffer is empty goes to the socket right away; whatever the
 socket does not take (or an error) goes through Twisted's buffered path as before,
 so ordering, flow control (producers) and error handling are unchanged.
+
+:func:`hold` and :func:`release` gather a connection's writes in between into one
+(an answer's head and its body's first bytes: one ``send`` for an answer that came
+in one read).
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ def _send_now(connection: Any, data: bytes) -> bytes:
 
 
 def _write(self: Any, data: bytes) -> None:
+    held = self._held
+    if held is not None:
+        held.append(data)
+        return
     rest = _send_now(self, data) if data else data
     if rest:
         _original["write"](self, rest)
@@ -50,14 +58,35 @@ def _write(self: Any, data: bytes) -> None:
 
 def _write_sequence(self: Any, iovec: Iterable[bytes]) -> None:
     iovec = list(iovec)
-    if sum(map(len, iovec)) > self.SEND_LIMIT:  # not worth a copy: buffered
+    if self._held is not None:
+        self._held.extend(iovec)
+    elif sum(map(len, iovec)) > self.SEND_LIMIT:  # not worth a copy: buffered
         _original["writeSequence"](self, iovec)
     else:
         _write(self, b"".join(iovec))
 
 
+def hold(transport: Any) -> bool:
+    """Gather what is written to ``transport`` until :func:`release`; False (and
+    nothing held) if it is not a write-through TCP connection or already held."""
+    if tcp.Connection.write is not _write or not isinstance(transport, tcp.Connection):
+        return False
+    if transport._held is not None:
+        return False
+    transport._held = []
+    return True
+
+
+def release(transport: Any) -> None:
+    """Write what was gathered since :func:`hold`, as one write."""
+    held, transport._held = transport._held, None
+    if held:
+        _write(transport, held[0] if len(held) == 1 else b"".join(held))
+
+
 def install() -> None:
     """Make every TCP connection of this process write through (idempotent)."""
+    tcp.Connection._held = None  # type: ignore[attr-defined]  # (see hold)
     tcp.Connection.write = _write  # type: ignore[method-assign]
     tcp.Connection.writeSequence = _write_sequence  # type: ignore[method-assign]
 

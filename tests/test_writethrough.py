@@ -156,3 +156,66 @@ def test_tls_abort_sends_no_close_notify(tmp_path):
         writethrough.uninstall()
         ours.close()
         theirs.close()
+
+
+class _CountingSocket:
+    """A socket that counts its sends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.sends = 0
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        return self._sock.send(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+def test_held_writes_go_out_as_one(connection):
+    """Writes between hold and release reach the socket in one send, in order."""
+    conn, peer, reactor = connection
+    conn.socket = counting = _CountingSocket(conn.socket)
+    assert writethrough.hold(conn)
+    assert not writethrough.hold(conn)  # (already held)
+    conn.writeSequence([b"HTTP/1.1 200 OK\r\n", b"\r\n"])
+    conn.write(b"body")
+    assert counting.sends == 0
+    writethrough.release(conn)
+    assert counting.sends == 1
+    assert peer.recv(100) == b"HTTP/1.1 200 OK\r\n\r\nbody"
+    conn.write(b"more")  # not held any more
+    assert counting.sends == 2
+
+
+def test_hold_is_a_no_op_without_write_through(connection):
+    conn, peer, reactor = connection
+    writethrough.uninstall()
+    assert not writethrough.hold(conn)
+    assert not writethrough.hold(object())
+
+
+def test_an_answer_in_one_read_goes_out_in_one_send(connection):
+    """The gateway writes an answer that came in one upstream read (head, and a body
+    with Content-Length) to the client in one send."""
+    from twisted.internet.address import IPv4Address
+
+    from tests.memory import Gateway, post, response
+
+    conn, peer, _ = connection
+    gw = Gateway()
+    channel = gw.site.buildProtocol(None)
+    conn.protocol = channel
+    conn.socket = counting = _CountingSocket(conn.socket)
+    conn.getPeer = lambda: IPv4Address("TCP", "192.0.2.7", 50000)
+    conn.getHost = lambda: IPv4Address("TCP", "127.0.0.1", 9080)
+    channel.makeConnection(conn)
+    body = b'{"id": "chatcmpl-1"}'
+    for _ in range(2):  # (the second on the kept-alive connections)
+        before = counting.sends
+        channel.dataReceived(post(b"/v1/chat/completions", b'{"model": "m"}'))
+        gw.upstream().send(response(body=body))
+        assert counting.sends == before + 1
+        answer = peer.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\n" + body)
