@@ -335,7 +335,9 @@ class UpstreamConnection(Protocol):
         self._state = _IDLE
         self._buffer = b""  # an answer's head so far
         self._waiting: Optional[Deferred[UpstreamResponse]] = None
-        self._timer: Any = None  # the waiting's timeout
+        self._answer_by = 0.0  # when the waiting's head must have come; 0: nothing waits
+        self._timeout = 0.0  # (the waiting request's, for its error)
+        self._timer: Any = None  # watches _answer_by; outlives requests (see _answer_due)
         self._head_only = False
         self._response: Optional[UpstreamResponse] = None
         self._remaining = 0  # body bytes to come, or CHUNKED, or UNTIL_CLOSE
@@ -357,9 +359,15 @@ class UpstreamConnection(Protocol):
         self._head_only = head_only
         self._answering = False
         waiting: Deferred[UpstreamResponse] = Deferred(self._cancel)
-        # (A timer of its own, not Deferred.addTimeout: no closures and two fewer
-        # callbacks per request.)
-        self._timer = self._clock.callLater(timeout, self._no_answer, timeout)
+        # (A timer of the connection's, not Deferred.addTimeout: no closures, two
+        # fewer callbacks, and no timer made and cancelled per request.)
+        self._answer_by = self._clock.seconds() + timeout
+        self._timeout = timeout
+        timer = self._timer
+        if timer is None:
+            self._timer = self._clock.callLater(timeout, self._answer_due)
+        elif timer.getTime() > self._answer_by:
+            timer.reset(timeout)
         self._waiting = waiting
         self.transport.writeSequence(data)
         return waiting
@@ -374,29 +382,44 @@ class UpstreamConnection(Protocol):
     def close(self) -> None:
         """Close the connection (idle: it leaves the pool now)."""
         self._state = _CLOSED
+        self._stop_timer()
         self._gone()
         self.transport.loseConnection()
 
     def _take_waiting(self) -> "Optional[Deferred[UpstreamResponse]]":
-        """What waits for the answer's head (None if nothing does), its timer stopped."""
+        """What waits for the answer's head (None if nothing does), no longer timed."""
         waiting, self._waiting = self._waiting, None
+        self._answer_by = 0.0  # (the timer lapses, or waits for the next request)
+        return waiting
+
+    def _stop_timer(self) -> None:
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
-        return waiting
 
     def _cancel(self, waiting: "Deferred[UpstreamResponse]") -> None:
         self._take_waiting()
         self._state = _CLOSED
+        self._stop_timer()
         self.transport.abortConnection()
 
-    def _no_answer(self, timeout: float) -> None:
+    def _answer_due(self) -> None:
+        """The timer is up: the waiting request's head is late, or its deadline (a
+        later request's) still to come, or nothing waits."""
         self._timer = None
+        if not self._answer_by:
+            return
+        left = self._answer_by - self._clock.seconds()
+        if left > 0:
+            self._timer = self._clock.callLater(left, self._answer_due)
+            return
         waiting = self._take_waiting()
         self._state = _CLOSED
         self.transport.abortConnection()
         if waiting is not None:
-            waiting.errback(ResponseTimeout(f"The upstream server did not answer within {timeout:g}s"))
+            waiting.errback(
+                ResponseTimeout(f"The upstream server did not answer within {self._timeout:g}s")
+            )
 
     def _gone(self) -> None:
         on_gone, self._on_gone = self._on_gone, None
@@ -520,6 +543,7 @@ class UpstreamConnection(Protocol):
         """Abort the connection; what waits for the answer fails with ``reason``, a
         body being read with ``ResponseFailed([reason])``."""
         self._state = _CLOSED
+        self._stop_timer()
         self.transport.abortConnection()
         waiting = self._take_waiting()
         response, self._response = self._response, None
@@ -530,6 +554,7 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._state = _CLOSED
+        self._stop_timer()
         waiting = self._take_waiting()
         response, self._response = self._response, None
         if waiting is not None and not waiting.called:

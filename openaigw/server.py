@@ -6,11 +6,13 @@ import os
 from io import BytesIO
 import re
 from typing import Any, List, Optional, Set
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -34,15 +36,19 @@ class GatewayChannel(HTTPChannel):
     The client's address is looked up once, here.  A request's head must be in
     within ``client_header_timeout`` seconds of its first byte, its body within
     ``client_body_timeout`` of the head (Twisted's idle timer restarts on every byte:
-    a client trickling bytes would hold the connection forever); one timer per
-    connection watches whichever deadline is running.  What the gateway refuses
+    a client trickling bytes would hold the connection forever), and a connection
+    between requests closes after ``idle_timeout`` (the Site's ``timeout``, in place
+    of Twisted's idle timer, which costs a timer and its cancellation per request);
+    one timer per connection watches whichever deadline is running, moved only
+    when a deadline comes before it.  What the gateway refuses
     before a request is answered (a timeout, a head too large or unparseable) gets
     an OpenAI-shaped answer and the connection closes.
     """
 
     client_host = ""  # the client's address, "" on a UNIX socket
+    idle_timeout: Optional[float] = None  # seconds between requests; None: no limit
     _deadline = 0.0  # when the head or body being received must be in; 0: none
-    _part = "header"  # what _deadline is for: "header", "body" or "discard"
+    _part = "header"  # what _deadline is for: "idle", "header", "body" or "discard"
     _timer: Any = None
     _refused = False
 
@@ -54,6 +60,7 @@ class GatewayChannel(HTTPChannel):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass  # not a TCP connection (UNIX socket)
+        self._wait_idle()
 
     def connectionLost(self, reason: Any) -> None:
         if self._timer is not None:
@@ -76,9 +83,18 @@ class GatewayChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return  # read and dropped until the connection closes
-        if not self._deadline and not self._handlingRequest:  # a request's first byte
-            self._expect("header", self.site.client_header_timeout)
+        if not self._handlingRequest and (not self._deadline or self._part == "idle"):
+            self._expect("header", self.site.client_header_timeout)  # a request's first byte
         super().dataReceived(data)
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if not self._handlingRequest and not self._deadline:  # (no pipelined request begun)
+            self._wait_idle()
+
+    def _wait_idle(self) -> None:
+        if self.idle_timeout and not self._refused:
+            self._expect("idle", self.idle_timeout)
 
     def allHeadersReceived(self) -> None:
         if self.length == 0:
@@ -110,7 +126,9 @@ class GatewayChannel(HTTPChannel):
             self._timer = self.callLater(left, self._deadline_reached)
             return
         self._deadline = 0.0
-        if self._part == "discard":
+        if self._part == "idle":
+            self.timeoutConnection()  # Twisted's: closes, and aborts if that takes too long
+        elif self._part == "discard":
             self.transport.loseConnection()
         else:
             self.refuse(errors.request_timeout(self._part))
@@ -257,10 +275,23 @@ class GatewayRequest(Request):
         record.bytes_in = self._received
 
     def process(self) -> None:
+        """Twisted's, less what a proxy has no use for: its Server header, a Date
+        formatted for every request (once a second here), resource encoders."""
         self.receiving = False
         self._describe(self.method, self.path)
-        self.responseHeaders.setRawHeaders(b"x-request-id", [self.context.record.request_id.encode("ascii")])
-        super().process()
+        site = self.site = self._site
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"date", [site.http_date()])
+        headers.setRawHeaders(b"x-request-id", [self.context.record.request_id.encode("ascii")])
+        self.prepath = []
+        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        if self.path == b"*":
+            self._handleStar()  # (Twisted's answer to OPTIONS *)
+            return
+        try:
+            self.render(site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
 
     def write(self, data: bytes) -> None:
         if self.startedWriting:
@@ -364,6 +395,16 @@ class GatewaySite(Site):
         self.underscores_in_headers = gateway.underscores_in_headers
         self.max_connections = max_connections or gateway.max_connections or DEFAULT_MAX_CONNECTIONS
 
+    _date_second = -1
+    _date = b""
+
+    def http_date(self) -> bytes:
+        """The Date header's value now, formatted once a second."""
+        second = int(self.clock.seconds())
+        if second != self._date_second:
+            self._date_second, self._date = second, datetimeToString(second)
+        return self._date
+
     def getContentFile(self, length: Optional[int]) -> BytesIO:
         """Where a request body goes: memory, always (bodies are bounded by
         ``max_body_size`` and read whole to go upstream).  Twisted would use a
@@ -402,6 +443,7 @@ class GatewaySite(Site):
             return self._refusal()
         channel = super().buildProtocol(addr)
         channel.callLater = self.clock.callLater
+        channel.idle_timeout, channel.timeOut = channel.timeOut, None  # (see GatewayChannel)
         return channel
 
     def _refusal(self) -> Protocol:

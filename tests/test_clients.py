@@ -65,6 +65,23 @@ def test_head_deadline_counts_from_the_first_byte():
     assert client.value() == b"" and not client.disconnecting
 
 
+def test_idle_connection_closes_after_the_site_timeout():
+    """Between requests a kept-alive connection may idle for the Site's timeout (from
+    the end of the last answer, however long that took), then it is closed."""
+    gw = Gateway(SLOW)
+    gw.site.timeOut = 60
+    channel, client = gw.client()
+    gw.reactor.advance(59)
+    channel.dataReceived(post(CHAT, BODY))  # in time
+    gw.reactor.advance(25)  # the answer takes its time: not idle
+    gw.upstream().send(response())
+    assert client.value().startswith(b"HTTP/1.1 200") and not client.disconnecting
+    gw.reactor.advance(59)
+    assert not client.disconnecting
+    gw.reactor.advance(1)
+    assert client.disconnecting
+
+
 def test_slow_body_gets_408():
     """A body trickled a byte a second is cut at client_body_timeout with a 408."""
     gw = Gateway(SLOW)

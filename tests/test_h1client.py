@@ -317,6 +317,21 @@ def test_no_answer_within_timeout():
     assert call.failure.check(ResponseTimeout) and call.transport.disconnected
 
 
+def test_timeout_counts_from_each_request():
+    """On a reused connection the next request's head gets its whole timeout from
+    when it was written (the connection's timer, set for an earlier one, waits on)."""
+    h = Pool()
+    h.served()
+    h.reactor.advance(5)
+    call = h.ask()
+    assert call.reused
+    h.reactor.advance(READ_TIMEOUT - 0.1)
+    assert call.results == []
+    h.reactor.advance(0.1)
+    assert call.failure.check(ResponseTimeout) and call.transport.disconnected
+    assert h.reactor.getDelayedCalls() == []
+
+
 @pytest.mark.parametrize("received", (b"HTTP/1.1 200 OK\r\nContent-Le", b"HTTP/1.1 100 Continue\r\n\r\n"))
 def test_lost_in_answer_head(received):
     """A connection lost once the answer has begun (part of a head, an interim answer):

@@ -135,6 +135,24 @@ def test_no_route_and_wrong_method():
     assert b"TwistedWeb" not in client.value()
 
 
+def test_own_answers_are_dated_by_the_site_clock():
+    """The gateway's own answers carry a Date from the site's clock (formatted once a
+    second); a proxied answer keeps the upstream's."""
+    gw = Gateway()
+    gw.reactor.advance(1700000000.4)
+    channel, client = gw.client(b"GET /v2/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert b"\r\nDate: Tue, 14 Nov 2023 22:13:20 GMT\r\n" in client.value()
+    client.clear()
+    gw.reactor.advance(1)
+    channel.dataReceived(b"GET /v2/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert b"\r\nDate: Tue, 14 Nov 2023 22:13:21 GMT\r\n" in client.value()
+    client.clear()
+    channel.dataReceived(post(CHAT, BODY))
+    gw.upstream().send(response(headers=b"Date: Mon, 13 Nov 2023 00:00:00 GMT\r\n"))
+    head = head_of(client.value())
+    assert head.count(b"Date: ") == 1 and b"Date: Mon, 13 Nov 2023 00:00:00 GMT" in head
+
+
 def test_exact_beats_prefix_and_longest_prefix_wins():
     """/v1/chat/completions goes to the exact route; /v1/x/y to the longer prefix."""
     config = BASE_CONFIG + (
