@@ -38,6 +38,10 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|[,;])\s*timeout\s*=\s*\"?([0-9]{1,9})", re.IGNORECASE)
 
+# The end of every whole body (shared, as Twisted shares connectionDone: a Failure
+# made per answer costs a look through its exception's classes).
+_BODY_DONE = Failure(ResponseDone("Response body fully received"))
+
 # How a body ends (besides a byte count).
 CHUNKED = -1
 UNTIL_CLOSE = -2
@@ -529,7 +533,7 @@ class UpstreamConnection(Protocol):
         response, self._response = self._response, None
         self._state = _IDLE
         assert response is not None
-        response._end(Failure(ResponseDone("Response body fully received")))
+        response._end(_BODY_DONE)
         if self._state != _IDLE:
             return
         if self._reusable:

@@ -29,11 +29,16 @@ def connection_tokens(headers: Headers) -> FrozenSet[bytes]:
 
 
 def _end_to_end(headers: Headers, excluded: FrozenSet[bytes], underscores: bool) -> Headers:
-    dropped = excluded | connection_tokens(headers)
+    tokens = connection_tokens(headers)
+    dropped = excluded | tokens if tokens else excluded
     out = Headers()
-    for name, values in headers.getAllRawHeaders():
+    # Copied as stored (Headers' own dict, on every Twisted version): the values
+    # were sanitised on their way in, and each name keeps the case this Twisted
+    # stores it in; setRawHeaders would normalise both again, header by header.
+    kept = out._rawHeaders
+    for name, values in headers._rawHeaders.items():
         if name.lower() not in dropped and (underscores or b"_" not in name):
-            out.setRawHeaders(name, list(values))
+            kept[name] = list(values)
     return out
 
 
