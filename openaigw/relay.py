@@ -207,13 +207,22 @@ class RouteResource(Resource):
         record.upstream = self._upstreams.primary.config.name
         record.model = _model(exchange)
         exchange.headers.setRawHeaders(b"x-request-id", [record.request_id.encode("ascii")])
-        handling = Deferred.fromCoroutine(self._proxy(exchange))
+        handling = Deferred.fromCoroutine(self._handle(exchange))
         # A client that leaves cancels whatever is being awaited: a limit's delay,
         # connecting, waiting for headers or relaying the body.
-        request.notifyFinish().addErrback(lambda _: handling.cancel())
-        handling.addErrback(self._failed, exchange)
-        handling.addBoth(lambda _: self._done(exchange))
+        request.when_lost(handling.cancel)
         return NOT_DONE_YET
+
+    async def _handle(self, exchange: Exchange) -> None:
+        """Proxy ``exchange``; whatever happens, then report it."""
+        try:
+            await self._proxy(exchange)
+        except CancelledError:
+            pass  # the client left; the upstream request was cancelled with it
+        except Exception:
+            self._failed(Failure(), exchange)
+        finally:
+            self._done(exchange)
 
     def _done(self, exchange: Exchange) -> None:
         exchange.complete()
@@ -351,8 +360,6 @@ class RouteResource(Resource):
 
     def _failed(self, failure: Failure, exchange: Exchange) -> None:
         request = exchange.request
-        if failure.check(CancelledError):
-            return  # the client left; the upstream request was cancelled with it
         log.failure("unexpected error proxying {path}", failure, path=request.path)
         if request.channel is None:
             return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from io import BytesIO
 import re
-from typing import Any, List, Optional, Set
+from typing import Any, Callable, List, Optional, Set
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
@@ -234,6 +234,7 @@ class GatewayRequest(Request):
     _received = 0
     _open = False  # holding the context: from the end of the head to the request's
     receiving = False  # from the end of the head until it is processed: refusable
+    _on_lost: Optional[Callable[[], None]] = None
     context: RequestContext
     _site: "GatewaySite"
 
@@ -309,12 +310,21 @@ class GatewayRequest(Request):
                 writethrough.release(transport)
 
     def finish(self) -> None:
+        self._on_lost = None
         super().finish()
         self._end(self.code)
+
+    def when_lost(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` if the client leaves before its answer has ended (as
+        ``notifyFinish``'s errback would be, without a Deferred per request)."""
+        self._on_lost = callback
 
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
         if not self.finished:
+            on_lost, self._on_lost = self._on_lost, None
+            if on_lost is not None:
+                on_lost()
             self._end_cut_short()
 
     def abort(self) -> None:
