@@ -36,16 +36,13 @@ class UpstreamChain:
         if "timeout" in fallback_on:
             kinds.add(TIMEOUT)
         self._on_kinds = frozenset(kinds)
+        # Whether streams may be asked for their usage chunk: only if every upstream
+        # the request may go to takes ``stream_options``.
+        self.stream_usage = all(upstream.config.stream_usage for upstream in self.upstreams)
 
     @property
     def primary(self) -> Upstream:
         return self.upstreams[0]
-
-    @property
-    def stream_usage(self) -> bool:
-        """Whether streams may be asked for their usage chunk: only if every upstream
-        the request may go to takes ``stream_options``."""
-        return all(upstream.config.stream_usage for upstream in self.upstreams)
 
     def _falls_back_on(self, code: int) -> bool:
         return code in self._on_status or (self._on_5xx and 500 <= code < 600)

@@ -29,6 +29,30 @@ _DISCARD_SECONDS = 1.0
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
+class _Randomness:
+    """``os.urandom`` read a block at a time: a request id's bytes without a
+    ``getrandom()`` call each.  A forked worker starts on a block of its own."""
+
+    def __init__(self, block: int = 4096) -> None:
+        self._block = block
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def take(self, n: int) -> bytes:
+        """``n`` random bytes (at most a block), never handed out before."""
+        if self._at + n > len(self._pool):
+            self._pool, self._at = os.urandom(self._block), 0
+        self._at += n
+        return self._pool[self._at - n:self._at]
+
+
+_RANDOM = _Randomness()
+
+
 class GatewayChannel(HTTPChannel):
     """An HTTP/1.1 channel with TCP_NODELAY (Twisted sets it only from 24.10), known
     to its site until it closes (for a graceful stop).
@@ -53,9 +77,10 @@ class GatewayChannel(HTTPChannel):
     _refused = False
 
     def connectionMade(self) -> None:
+        self._peer, self._host = self.transport.getPeer(), self.transport.getHost()
         super().connectionMade()
         self.site.channels.add(self)
-        self.client_host = str(getattr(self.transport.getPeer(), "host", "") or "")
+        self.client_host = str(getattr(self._peer, "host", "") or "")
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
@@ -69,6 +94,14 @@ class GatewayChannel(HTTPChannel):
             self._timer = None
         super().connectionLost(reason)
         self.site.channel_closed(self)
+
+    # Asked by every Request (Twisted's __init__): the addresses of the connection,
+    # not a getsockname() call and two address objects a request.
+    def getPeer(self) -> Any:
+        return self._peer
+
+    def getHost(self) -> Any:
+        return self._host
 
     _secure: Optional[bool] = None
 
@@ -150,7 +183,7 @@ class GatewayChannel(HTTPChannel):
         # Before the head was in: a record of what is known.
         record = AccessRecord(
             started=self.site.clock.seconds(), client=self.client_host,
-            request_id=os.urandom(16).hex(), status=error.status, error=error.reason,
+            request_id=_RANDOM.take(16).hex(), status=error.status, error=error.reason,
         )
         record.method = getattr(self, "_command", b"").decode("ascii", "replace")
         record.path = getattr(self, "_path", b"").split(b"?")[0].decode("utf-8", "replace")
@@ -214,7 +247,7 @@ def request_id(headers: Any) -> bytes:
     given = headers.getRawHeaders(b"x-request-id")
     if given and _REQUEST_ID.fullmatch(given[0]):
         return given[0]
-    return os.urandom(16).hex().encode("ascii")  # 128 random bits, as a uuid4 has
+    return _RANDOM.take(16).hex().encode("ascii")  # 128 random bits, as a uuid4 has
 
 
 class GatewayRequest(Request):
@@ -251,6 +284,10 @@ class GatewayRequest(Request):
             self.refuse(errors.bad_request(invalid))
         elif length is not None and length > site.max_body_size:
             self.refuse(errors.body_too_large(site.max_body_size))
+
+    def parseCookies(self) -> None:
+        """Not parsed: cookies pass through as headers (``received_cookies`` stays
+        empty), and the gateway reads none."""
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:

@@ -254,3 +254,39 @@ def test_connections_over_the_cap_get_503():
     first.connectionLost(None)
     _, client = gw.client(b"GET /v2/x HTTP/1.1\r\nHost: gw\r\n\r\n")
     assert client.value().startswith(b"HTTP/1.1 404")
+
+
+def test_request_ids_are_fresh_random_bytes_in_every_process():
+    """Request ids come from blocks of os.urandom: none repeats, and a forked worker
+    does not hand out the ids its parent has yet to."""
+    import os
+
+    from openaigw.server import _Randomness
+
+    random = _Randomness(block=64)
+    taken = {random.take(16) for _ in range(40)}  # several blocks
+    assert len(taken) == 40 and all(len(b) == 16 for b in taken)
+    random.take(16)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent
+        os.write(write, random.take(16))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 16) != random.take(16)
+    os.close(read)
+    os.close(write)
+
+
+def test_addresses_asked_once_per_connection():
+    """Each request gets the connection's addresses without asking the transport again."""
+    gw = Gateway()
+    channel, client = gw.client()
+    asked = []
+    client.getHost = lambda: asked.append("host")
+    client.getPeer = lambda: asked.append("peer")
+    for _ in range(2):
+        channel.dataReceived(post(CHAT, BODY))
+        gw.upstream().send(response())
+    assert asked == []
+    assert gw.records[-1].client == "192.0.2.7"
