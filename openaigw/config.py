@@ -134,6 +134,8 @@ class RouteConfig:
     plugins: Tuple[PluginConfig, ...] = ()
     fallback: Tuple[str, ...] = ()  # upstreams tried, in order, after ``upstream``
     fallback_on: FrozenSet[str] = frozenset(("429", "5xx", "timeout", "connect"))
+    hosts: Optional[Tuple[str, ...]] = None  # lower-case names and *.wildcards; None: any host
+    priority: int = 0  # among routes for the same URI, the highest serves first
 
 
 @dataclass(frozen=True)
@@ -360,7 +362,7 @@ def parse(text: str, path: str, environ: Mapping[str, str]) -> Config:
     routes = tuple(_route(s, upstreams, names) for s in route_sections)
     if not routes and not gateway.admin:
         raise ConfigError(f"{path}: no [route:NAME] section (and no admin listener): nothing to serve")
-    _check_overlaps(routes, route_sections)
+    check_overlaps(routes, route_sections)
     config = Config(path, gateway, upstreams, routes, consumers)
     _check_workers(config)
     return config
@@ -774,6 +776,8 @@ def _route(
         for method in methods:
             if not TOKEN.fullmatch(method):
                 raise section.error("methods", f"{section.written('methods', method)!r} is not an HTTP method")
+    hosts = _hosts(section) if "hosts" in section else None
+    priority = section.number("priority", 0, minimum=-math.inf, integer=True)
     upstream = section.require("upstream")
     if upstream not in upstreams:
         raise section.error("upstream", f"no section [upstream:{section.written('upstream', upstream)}]")
@@ -794,19 +798,62 @@ def _route(
                     f"{section.written('fallback_on', condition)!r}: expected 429, 5xx, a 5xx code (503),"
                     " timeout or connect",
                 )
-    plugins = _plugins(section, ("uri", "methods", "upstream", "fallback", "fallback_on"), "route", consumers)
-    return RouteConfig(name, uris, upstream, methods, plugins, fallback, fallback_on)
+    plugins = _plugins(
+        section, ("uri", "methods", "hosts", "priority", "upstream", "fallback", "fallback_on"), "route", consumers
+    )
+    return RouteConfig(name, uris, upstream, methods, plugins, fallback, fallback_on, hosts, priority)
 
 
-def _check_overlaps(routes: Tuple[RouteConfig, ...], sections: List[Section]) -> None:
-    """Two routes may share a URI only if their methods are disjoint."""
+_HOST = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
+
+
+def _hosts(section: Section) -> Tuple[str, ...]:
+    """``hosts``: names such as ``api.example.com``, ``*.example.com`` (any name ending in
+    ``.example.com``), IP addresses; compared case-insensitively, without a port."""
+    hosts = []
+    for host in re.split(r"[\s,]+", section.require("hosts")):
+        if not host:
+            continue
+        name = host.lower().rstrip(".")
+        if not _HOST.fullmatch(name):
+            raise section.error(
+                "hosts", f"{section.written('hosts', host)!r} is not a host name (e.g. api.example.com, *.example.com)"
+            )
+        if name not in hosts:
+            hosts.append(name)
+    return tuple(hosts)
+
+
+def hosts_overlap(a: Optional[Tuple[str, ...]], b: Optional[Tuple[str, ...]]) -> bool:
+    """Whether some Host matches both lists (None: any host)."""
+    if a is None or b is None:
+        return True
+    for x in a:
+        for y in b:
+            if x == y:
+                return True
+            for wild, other in ((x, y), (y, x)):  # *.example.com vs a.example.com or *.a.example.com
+                if wild.startswith("*") and other.lstrip("*").endswith(wild[1:]):
+                    return True
+    return False
+
+
+def check_overlaps(routes: Tuple[RouteConfig, ...], sections: List[Section]) -> None:
+    """Two routes may share a URI only if a request can tell which one serves it: their
+    methods or hosts are disjoint, their priorities differ, or only one has hosts
+    (the one with hosts comes first)."""
     seen: Dict[str, List[RouteConfig]] = {}
     for route, section in zip(routes, sections):
         for uri in route.uris:
             for other in seen.get(uri, []):
-                if other.methods is None or route.methods is None or other.methods & route.methods:
+                if (
+                    other.priority == route.priority
+                    and (other.hosts is None) == (route.hosts is None)
+                    and (other.methods is None or route.methods is None or other.methods & route.methods)
+                    and hosts_overlap(other.hosts, route.hosts)
+                ):
                     raise section.error(
                         "uri", f"{section.written('uri', uri)!r} is already served by"
-                        f" [route:{other.name}] for the same methods"
+                        f" [route:{other.name}] for the same methods and hosts, at the same priority"
                     )
             seen.setdefault(uri, []).append(route)

@@ -1,4 +1,4 @@
-"""The root resource: finds the route for a request's path and method."""
+"""The root resource: finds the route for a request's path, host and method."""
 
 from __future__ import annotations
 
@@ -14,32 +14,58 @@ from openaigw import errors
 if TYPE_CHECKING:
     from openaigw.server import GatewayRequest
 
-Entry = Tuple[Optional[FrozenSet[str]], IResource]
+
+class Hosts:
+    """A route's ``hosts``: names (``api.example.com``) and wildcards (``*.example.com``,
+    any name ending in ``.example.com``), lower-case."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self._names = frozenset(p.encode("ascii") for p in patterns if not p.startswith("*"))
+        self._suffixes = tuple(p[1:].encode("ascii") for p in patterns if p.startswith("*"))
+
+    def match(self, host: bytes) -> bool:
+        return host in self._names or host.endswith(self._suffixes)
+
+
+# A route as the router keeps it: its methods (None: any) and hosts (None: any).
+Entry = Tuple[Optional[FrozenSet[str]], Optional[Hosts], IResource]
+# What the router is built from: uris, methods, hosts, priority, resource.
+RouteSpec = Tuple[Sequence[str], Optional[FrozenSet[str]], Optional[Sequence[str]], int, IResource]
 
 
 class Router(Resource):
-    """Exact URIs beat prefixes (``/v1/*``); the longest prefix wins.
+    """Exact URIs beat prefixes (``/v1/*``); the longest prefix wins.  Among the
+    routes for one URI, the highest ``priority`` comes first, then (at equal
+    priority) those with ``hosts`` before those without, then the order given.
 
-    Among the routes for a URI the first whose methods include the request's
-    serves it; when the URI matches but no method does, the answer is 405.
+    The first route in that order whose hosts (if any) include the request's Host
+    and whose methods include the request's serves it; when routes match the URI and
+    host but no method does, the answer is 405; otherwise 404.
     """
 
     isLeaf = True
 
-    def __init__(self, routes: Sequence[Tuple[Sequence[str], Optional[FrozenSet[str]], IResource]]) -> None:
+    def __init__(self, routes: Sequence[RouteSpec]) -> None:
         super().__init__()
-        self._exact: Dict[bytes, List[Entry]] = {}
-        prefixes: Dict[bytes, List[Entry]] = {}
-        for uris, methods, resource in routes:
+        exact: Dict[bytes, List[Tuple[Tuple[int, int, int], Entry]]] = {}
+        prefixes: Dict[bytes, List[Tuple[Tuple[int, int, int], Entry]]] = {}
+        for number, (uris, methods, hosts, priority, resource) in enumerate(routes):
+            entry = (methods, None if hosts is None else Hosts(hosts), resource)
+            order = (-priority, hosts is None, number)
             for uri in uris:
-                if uri.endswith("*"):
-                    prefixes.setdefault(uri[:-1].encode(), []).append((methods, resource))
-                else:
-                    self._exact.setdefault(uri.encode(), []).append((methods, resource))
-        self._prefixes = sorted(prefixes.items(), key=lambda item: -len(item[0]))
+                table = prefixes if uri.endswith("*") else exact
+                table.setdefault(uri.rstrip("*").encode(), []).append((order, entry))
+        ordered = sorted(prefixes.items(), key=lambda item: -len(item[0]))
+        self._prefixes = [(prefix, [e for _, e in sorted(entries, key=lambda oe: oe[0])])
+                          for prefix, entries in ordered]
+        # An exact URI's candidates, the prefixes it also matches included, worked out once.
+        self._exact: Dict[bytes, List[Entry]] = {
+            path: [e for _, e in sorted(entries, key=lambda oe: oe[0])] + self._prefixed(path)
+            for path, entries in exact.items()
+        }
 
-    def _candidates(self, path: bytes) -> List[Entry]:
-        found = list(self._exact.get(path, ()))
+    def _prefixed(self, path: bytes) -> List[Entry]:
+        found: List[Entry] = []
         for prefix, entries in self._prefixes:
             if path.startswith(prefix):
                 found.extend(entries)
@@ -54,18 +80,41 @@ class Router(Resource):
                 errors.GatewayError(400, "Invalid path", "invalid_request_error", "invalid_path"),
             )
             return NOT_DONE_YET
-        candidates = self._candidates(path)
+        candidates = self._exact.get(path)
+        if candidates is None:
+            candidates = self._prefixed(path)
         method = request.method.decode("ascii", "replace")
-        for methods, resource in candidates:
+        host = None
+        for methods, hosts, resource in candidates:
+            if hosts is not None:
+                if host is None:
+                    host = request_host(request)
+                if not hosts.match(host):
+                    continue
             if methods is None or method in methods:
                 return resource.render(request)
-        if not candidates:
+        if host is None and any(hosts is not None for _, hosts, _ in candidates):
+            host = request_host(request)
+        served = [methods for methods, hosts, _ in candidates if hosts is None or hosts.match(host or b"")]
+        if not served:
             error = errors.not_found(path.decode("ascii", "replace"))
         else:
-            allowed = sorted(set().union(*(m for m, _ in candidates if m is not None)))
+            allowed = sorted(set().union(*(m for m in served if m is not None)))
             error = errors.method_not_allowed(method, ", ".join(allowed))
         errors.write_error(request, error)
         return NOT_DONE_YET
+
+
+def request_host(request: Any) -> bytes:
+    """The request's Host header without its port (or trailing dot), lower-case;
+    ``b""`` without one."""
+    host = request.requestHeaders.getRawHeaders(b"host")
+    if not host:
+        return b""
+    name = host[0].strip().lower()
+    if name.startswith(b"["):
+        return name.partition(b"]")[0] + b"]"
+    return name.partition(b":")[0].rstrip(b".")
 
 
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")

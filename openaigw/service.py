@@ -71,7 +71,7 @@ def build_routes(
             [upstreams[name] for name in (route.upstream,) + route.fallback], route.fallback_on, reactor
         )
         resource = RouteResource(route.name, chain, filters, reactor, telemetry)
-        routes.append((route.uris, route.methods, resource))
+        routes.append((route.uris, route.methods, route.hosts, route.priority, resource))
     return Router(routes), upstreams
 
 

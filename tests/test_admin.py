@@ -127,7 +127,16 @@ def test_served_table_is_swapped(admin):
     ("/apisix/admin/routes/a", {"id": "a", "uri": "/x"}, 400, "missing upstream"),
     ("/apisix/admin/routes/a", {"uri": "/x", "upstream_id": "nope"}, 400, "upstream id [nope]"),
     ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "uris": ["/y"]}, 400, 'give "uri" or "uris", not both'),
-    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "hosts": ["x"]}, 400, 'property "hosts" is not supported'),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "hosts": "x.com"}, 400,
+     'property "hosts" validation failed: wrong type: expected array, got string'),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "hosts": ["a.com", "x:80"]}, 400,
+     "property \"hosts\" validation failed: 'x:80' is not a host name"),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "hosts": ["a.com", "b c"]}, 400, 'property "hosts[1]"'),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "hosts": []}, 400, 'property "hosts" validation failed'),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "host": "a.com", "hosts": ["b.com"]}, 400,
+     'give "host" or "hosts", not both'),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "priority": 1.5}, 400,
+     'property "priority" validation failed: wrong type: expected integer'),
     ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "plugins": {"limit-count": {"count": "ten", "time_window": 60}}},
      400, 'property "plugins.limit-count.count" validation failed: wrong type: expected integer'),
     ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "plugins": {"limit-count": {"count": 0, "time_window": 60}}},
@@ -511,3 +520,23 @@ def test_resilience_fields(admin):
     code, body = admin.call("PUT", "/apisix/admin/routes/r2", {"uri": "/y", "upstream_id": "file-up", "fallback": ["nope"]})
     assert code == 400 and 'property "fallback"' in body["error_msg"]
     assert "sk-azure" not in json.dumps(admin.call("GET", "/apisix/admin/upstreams")[1])
+
+
+def test_hosts_and_priority_are_served(admin):
+    """hosts (or APISIX's single host) and priority reach the route table; two routes for one
+    URI are ambiguous only at the same priority with overlapping hosts."""
+    code, body = admin.call("PUT", "/apisix/admin/routes/a", {"uri": "/v1/x", "upstream_id": "file-up",
+                                                          "hosts": ["API.example.com", "*.example.org"]})
+    assert code == 201 and body["value"]["hosts"] == ["API.example.com", "*.example.org"]  # as written
+    code, body = admin.call("PUT", "/apisix/admin/routes/b", {"uri": "/v1/x", "upstream_id": "file-up",
+                                                          "host": "b.example.com", "priority": 3})
+    assert code == 201, body
+    code, body = admin.call("PUT", "/apisix/admin/routes/c", {"uri": "/v1/x", "upstream_id": "file-up",
+                                                          "hosts": ["x.example.org"]})
+    assert code == 400 and "is already served by [route:a] for the same methods and hosts" in body["error_msg"]
+    assert admin.call("PUT", "/apisix/admin/routes/c", {"uri": "/v1/x", "upstream_id": "file-up",
+                                                        "hosts": ["x.example.org"], "priority": -1})[0] == 201
+    served = {r.name: (r.hosts, r.priority) for r in admin.service.config.routes}
+    assert served["a"] == (("api.example.com", "*.example.org"), 0)
+    assert served["b"] == (("b.example.com",), 3)
+    assert served["c"] == (("x.example.org",), -1)

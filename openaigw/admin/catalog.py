@@ -91,7 +91,7 @@ def combine(file: Config, objects: Objects, environ: Mapping[str, str]) -> Confi
                     400, f"the inline upstream's name {own.name} is taken by [upstream:{own.name}]"))
             inline[own.name] = own
     try:
-        configuration._check_overlaps(tuple(routes), sections)
+        configuration.check_overlaps(tuple(routes), sections)
     except ConfigError as e:
         raise AdminError(400, str(e)) from None
     return dataclasses.replace(file, upstreams={**upstreams, **inline}, routes=tuple(routes),
@@ -282,6 +282,10 @@ def _file_objects(file: Config, kind: str) -> Dict[str, Dict[str, Any]]:
             value: Dict[str, Any] = {"id": route.name, "uris": list(route.uris), "upstream_id": route.upstream}
             if route.methods is not None:
                 value["methods"] = sorted(route.methods)
+            if route.hosts is not None:
+                value["hosts"] = list(route.hosts)
+            if route.priority:
+                value["priority"] = route.priority
             value["plugins"] = {plugin.name: {} for plugin in route.plugins}
             shown[route.name] = value
         return shown

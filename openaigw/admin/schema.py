@@ -322,8 +322,8 @@ def upstream(name: str, value: Dict[str, Any], environ: Mapping[str, str], field
 # --- routes ------------------------------------------------------------------------------
 
 _ROUTE_FIELDS = {
-    **_METADATA, "uri": "string", "uris": "array", "methods": "array", "priority": "integer",
-    "status": "integer", "upstream": "object", "upstream_id": "string", "plugins": "object",
+    **_METADATA, "uri": "string", "uris": "array", "methods": "array", "host": "string", "hosts": "array",
+    "priority": "integer", "status": "integer", "upstream": "object", "upstream_id": "string", "plugins": "object",
     "fallback": "array", "fallback_on": "array",
 }
 
@@ -365,6 +365,21 @@ def route(
         if not methods:
             raise invalid("methods", "give at least one method, or leave methods out")
         flat.set("methods", " ".join(methods), "methods")
+    if "host" in value and "hosts" in value:
+        raise AdminError(400, 'invalid configuration: give "host" or "hosts", not both')
+    if "host" in value or "hosts" in value:
+        field = "host" if "host" in value else "hosts"
+        hosts = [value["host"]] if field == "host" else value["hosts"]
+        for number, host in enumerate(hosts):
+            where = field if field == "host" else f"hosts[{number}]"
+            check_type(host, "string", where)
+            if not host or any(c.isspace() or c == "," for c in host):
+                raise invalid(where, f"{host!r} is not a host name (e.g. api.example.com, *.example.com)")
+        if not hosts:
+            raise invalid("hosts", "give at least one host, or leave hosts out")
+        flat.set("hosts", " ".join(hosts), field)
+    if "priority" in value:
+        flat.set("priority", value["priority"], "priority")
     inline = None
     if "upstream" in value and "upstream_id" in value:
         raise AdminError(400, 'invalid configuration: give "upstream" or "upstream_id", not both')

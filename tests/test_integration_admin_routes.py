@@ -1,0 +1,61 @@
+"""Route matching and limits set through the Admin API, seen by clients of a real twistd."""
+
+from __future__ import annotations
+
+import http.client
+
+import pytest
+
+from tests.test_integration_admin import ADMIN_KEY, Gateway, fake_requests
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    gateway = Gateway(tmp_path_factory.mktemp("admin-routes"), keyed=True).start()
+    yield gateway
+    gateway.stop()
+    assert ADMIN_KEY not in gateway.log()
+
+
+def upstream(pki, fake_node: int) -> dict:
+    return {"nodes": {f"127.0.0.1:{fake_node}": 1}, "ca_file": pki.ca}
+
+
+def marked(name: str) -> dict:
+    """A proxy-rewrite that tells the fake upstream which route sent the request."""
+    return {"proxy-rewrite": {"uri": "/v1/models", "headers": {"set": {"X-Route": name}}}}
+
+
+def call(gateway: Gateway, path: str, host: str) -> tuple:
+    """GET ``path`` with ``Host: host``: (status, headers, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    try:
+        connection.request("GET", path, headers={"Host": host})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def served_by(gateway: Gateway, pki, fake_node: int, path: str, host: str):
+    status, _, _ = call(gateway, path, host)
+    if status != 200:
+        return status
+    headers = {k.lower(): v for k, v in fake_requests(pki, fake_node)[-1]["headers"]}
+    return headers["x-route"]
+
+
+def test_hosts_and_priority_decide_the_route(gateway, pki, fake_node):
+    """Two routes for one prefix: the one with hosts serves its hosts (any port, any case),
+    the other the rest; raising the other's priority through PATCH hands it every host."""
+    for id, extra in (("team", {"hosts": ["api.example.com", "*.team.example.com"]}), ("any", {})):
+        code, body = gateway.admin("PUT", f"routes/{id}", {
+            "uri": "/hp/*", "upstream": upstream(pki, fake_node), "plugins": marked(id), **extra})
+        assert code == 201, body
+    assert served_by(gateway, pki, fake_node, "/hp/x", "API.example.com:8443") == "team"
+    assert served_by(gateway, pki, fake_node, "/hp/x", "a.team.example.com") == "team"
+    assert served_by(gateway, pki, fake_node, "/hp/x", "example.com") == "any"
+    assert gateway.admin("PATCH", "routes/any", {"priority": 10})[0] == 200
+    assert served_by(gateway, pki, fake_node, "/hp/x", "api.example.com") == "any"
+    assert gateway.admin("DELETE", "routes/any")[0] == 200
+    assert served_by(gateway, pki, fake_node, "/hp/x", "example.com") == 404
