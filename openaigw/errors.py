@@ -49,7 +49,7 @@ def write_error(
     record.error = error.reason
     record.limit = error.limit
     body = error.body()
-    request.setResponseCode(error.status, HTTPStatus(error.status).phrase.encode("ascii"))
+    request.setResponseCode(error.status, phrase(error.status))
     headers = request.responseHeaders
     headers.removeHeader(b"server")
     headers.setRawHeaders(b"content-type", [b"application/json"])
@@ -63,6 +63,14 @@ def write_error(
     request.finish()
 
 
+def phrase(status: int) -> bytes:
+    """The reason phrase for ``status`` (a limit's ``rejected_code`` may be any of 200-599)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown Status"
+
+
 def raw_response(error: GatewayError) -> bytes:
     """``error`` as a whole HTTP/1.1 response that closes the connection, for answers
     written to the connection directly (the request got no further than its head
@@ -74,7 +82,7 @@ def raw_response(error: GatewayError) -> bytes:
         if name.lower() != "connection"
     )
     return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n%s" % (
-        error.status, HTTPStatus(error.status).phrase.encode("ascii"), len(body), extra, body)
+        error.status, phrase(error.status), len(body), extra, body)
 
 
 def bad_request(message: str, code: str = "invalid_request") -> GatewayError:

@@ -142,8 +142,13 @@ def test_served_table_is_swapped(admin):
     ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "plugins": {"limit-count": {"count": 0, "time_window": 60}}},
      400, 'property "plugins.limit-count.count" validation failed'),
     ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "plugins": {"limit-count": {"count": 1, "time_window": 60,
-                                                                               "rejected_code": 503}}},
-     400, "plugins.limit-count.rejected_code"),
+                                                                               "rejected_code": 600}}},
+     400, 'property "plugins.limit-count.rejected_code" validation failed: \'600\': expected 200 to 599'),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "plugins": {"limit-req": {"rate": 1, "rejected_msg": 5}}},
+     400, 'property "plugins.limit-req.rejected_msg" validation failed: wrong type: expected string'),
+    ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "plugins": {"ai-rate-limiting": {
+        "limit": 1, "time_window": 60, "rejected_code": 503}}},
+     400, 'property "plugins.ai-rate-limiting.rejected_code" validation failed'),
     ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "plugins": {"proxy-rewrite": {"regex_uri": ["a", "b"]}}},
      400, 'property "plugins.proxy-rewrite.regex_uri" is not supported'),
     ("/apisix/admin/routes/a", {**GUIDE, "id": "a", "uri": "relative"}, 400, 'property "uri" validation failed'),
@@ -540,3 +545,16 @@ def test_hosts_and_priority_are_served(admin):
     assert served["a"] == (("api.example.com", "*.example.org"), 0)
     assert served["b"] == (("b.example.com",), 3)
     assert served["c"] == (("x.example.org",), -1)
+
+
+def test_limit_rejected_code_and_msg(admin):
+    """limit-count, limit-req and limit-conn take rejected_code (200-599) and rejected_msg."""
+    code, body = admin.call("PUT", "/apisix/admin/routes/a", {"uri": "/v1/x", "upstream_id": "file-up", "plugins": {
+        "limit-count": {"count": 1, "time_window": 60, "rejected_code": 503, "rejected_msg": "slow down"},
+        "limit-req": {"rate": 1, "rejected_code": 200},
+        "limit-conn": {"conn": 1, "rejected_code": 429}}})
+    assert code == 201, body
+    route = next(r for r in admin.service.config.routes if r.name == "a")
+    rejections = {p.name: p.settings.rejection for p in route.plugins}
+    assert (rejections["limit-count"].code, rejections["limit-count"].message) == (503, "slow down")
+    assert (rejections["limit-req"].code, rejections["limit-conn"].code) == (200, 429)

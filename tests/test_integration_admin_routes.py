@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 
 import pytest
 
@@ -59,3 +60,19 @@ def test_hosts_and_priority_decide_the_route(gateway, pki, fake_node):
     assert served_by(gateway, pki, fake_node, "/hp/x", "api.example.com") == "any"
     assert gateway.admin("DELETE", "routes/any")[0] == 200
     assert served_by(gateway, pki, fake_node, "/hp/x", "example.com") == 404
+
+
+def test_limit_count_rejected_code(gateway, pki, fake_node):
+    """limit-count's rejected_code and rejected_msg through the Admin API: the client gets
+    that status with an OpenAI-shaped body and Retry-After."""
+    code, body = gateway.admin("PUT", "routes/rc", {
+        "uri": "/rc/*", "upstream": upstream(pki, fake_node),
+        "plugins": {**marked("rc"), "limit-count": {"count": 1, "time_window": 600, "key_type": "constant",
+                                                    "rejected_code": 503, "rejected_msg": "quota used up"}}})
+    assert code == 201, body
+    assert call(gateway, "/rc/x", "gw")[0] == 200
+    status, headers, raw = call(gateway, "/rc/x", "gw")
+    assert status == 503
+    assert json.loads(raw)["error"] == {"message": "quota used up", "type": "requests", "param": None,
+                                        "code": "rate_limit_exceeded"}
+    assert 0 < int(headers["Retry-After"]) <= 600

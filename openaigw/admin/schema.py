@@ -131,7 +131,8 @@ _LIMIT_FIELDS: Dict[str, Dict[str, Tuple[str, str]]] = {
     "ai-rate-limiting": {"limit": ("limit", "integer"), "time_window": ("time_window", "integer"),
                          "limit_strategy": ("limit_strategy", "string")},
 }
-_LIMIT_COMMON = {"key_type": "string", "key": "string", "rejected_code": "integer", "policy": "string"}
+_LIMIT_COMMON = {"key_type": "string", "key": "string", "rejected_code": "integer", "rejected_msg": "string",
+                 "policy": "string"}
 _VARS = {"remote_addr": "remote_addr", "consumer_name": "consumer"}
 
 
@@ -142,9 +143,14 @@ def _limit(name: str, conf: Dict[str, Any], field: str, flat: Flat) -> None:
     for apisix, (option, _) in fields.items():
         if apisix in conf:
             flat.set(f"{name}.{option}", conf[apisix], f"{field}.{apisix}")
-    if conf.get("rejected_code", 429) != 429:
-        raise invalid(f"{field}.rejected_code",
-                      "openaigw rejects with 429, which the OpenAI SDKs back off from")
+    for option in ("rejected_code", "rejected_msg"):
+        if option not in conf:
+            continue
+        if name == "ai-rate-limiting":  # it refuses with a 429, which the OpenAI SDKs back off from
+            if option == "rejected_msg" or conf[option] != 429:
+                raise invalid(f"{field}.{option}", "openaigw's ai-rate-limiting rejects with its own 429")
+        else:
+            flat.set(f"{name}.{option}", conf[option], f"{field}.{option}")
     if conf.get("policy", "local") != "local":
         raise invalid(f"{field}.policy", 'limits count in the [gateway] state store; give "local" or leave it out')
     if name == "limit-conn" and conf.get("burst", 0) != 0:

@@ -2,7 +2,8 @@
 
 Each counts per a key: the consumer (the default with key-auth), the client address,
 the route, or a request header.  On a ``[consumer:NAME]`` section a limit counts per
-consumer across all routes.  Rejections are 429s the OpenAI SDKs understand.
+consumer across all routes.  Rejections are 429s the OpenAI SDKs understand (or
+the ``rejected_code`` configured, with ``rejected_msg`` as the message).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 from twisted.internet.task import deferLater
 from zope.interface import implementer
@@ -73,6 +74,28 @@ def parse_key(options: PluginOptions) -> LimitKey:
     )
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """How a limit refuses: the status (APISIX's ``rejected_code``) and the message
+    (``rejected_msg``; None: ours, saying which limit and when to retry)."""
+
+    code: int = 429
+    message: Optional[str] = None
+
+
+REJECTION_OPTIONS = ("rejected_code", "rejected_msg")
+
+
+def parse_rejection(options: PluginOptions) -> Rejection:
+    code = options.section.number(options.key("rejected_code"), 429, minimum=200, integer=True)
+    if code > 599:
+        raise options.error("rejected_code", f"{options.section.raw(options.key('rejected_code'))!r}: expected 200 to 599")
+    message = options.get("rejected_msg")
+    if message is not None and (not message.strip() or any(c in message for c in "\r\n\0")):
+        raise options.error("rejected_msg", "must be one line, not empty")
+    return Rejection(code, None if message is None else message.strip())
+
+
 def check_options(options: PluginOptions, known: Tuple[str, ...]) -> None:
     for option in options.options():
         if option not in known:
@@ -99,13 +122,20 @@ class LimitFilter:
         self._store = store
         self._scope = scope
         self._guard = runtime.guard
+        # ai-rate-limiting's settings have none: it refuses with a 429.
+        self._rejection: Rejection = getattr(settings, "rejection", Rejection())
 
     def _key(self, exchange: Exchange) -> str:
         return str(self._settings.key.of(self.plugin, self._scope, exchange))
 
     def _rejected(self, what: str, detail: str, retry_after: float, kind: str = "requests") -> GatewayError:
-        """The 429 for this limit: "``what`` (``detail``, route NAME)"."""
-        return too_many(kind, f"{what} ({detail}, {label(self._scope)})", retry_after, self.plugin)
+        """The 429 (or ``rejected_code``) for this limit: "``what`` (``detail``, route NAME)"."""
+        rejection = self._rejection
+        error = too_many(kind, f"{what} ({detail}, {label(self._scope)})", retry_after, self.plugin)
+        error.status = rejection.code
+        if rejection.message is not None:
+            error.message = rejection.message
+        return error
 
     def _unavailable(self) -> None:
         """The store did not answer: raise the 503, or return to let the request pass."""
@@ -144,6 +174,7 @@ class CountSettings:
     count: int
     time_window: int
     key: LimitKey
+    rejection: Rejection = Rejection()
 
 
 @implementer(IRequestFilter)
@@ -168,10 +199,10 @@ class LimitCount:
     scopes = ("route", "consumer")
 
     def parse(self, options: PluginOptions) -> CountSettings:
-        check_options(options, ("count", "time_window", "key"))
+        check_options(options, ("count", "time_window", "key") + REJECTION_OPTIONS)
         count = required_number(options, "count", "requests per window")
         window = required_number(options, "time_window", "seconds")
-        return CountSettings(count, window, parse_key(options))
+        return CountSettings(count, window, parse_key(options), parse_rejection(options))
 
     def create(self, settings: CountSettings, runtime: Any, scope: str) -> CountFilter:
         return CountFilter(settings, runtime.counters, scope, runtime)
@@ -183,6 +214,7 @@ class ReqSettings:
     burst: float
     nodelay: bool
     key: LimitKey
+    rejection: Rejection = Rejection()
 
 
 @implementer(IRequestFilter)
@@ -212,11 +244,11 @@ class LimitReq:
     scopes = ("route", "consumer")
 
     def parse(self, options: PluginOptions) -> ReqSettings:
-        check_options(options, ("rate", "burst", "nodelay", "key"))
+        check_options(options, ("rate", "burst", "nodelay", "key") + REJECTION_OPTIONS)
         rate = required_number(options, "rate", "requests per second", integer=False)
         burst = options.section.number(options.key("burst"), 0.0)
         nodelay = options.section.flag(options.key("nodelay"), False)
-        return ReqSettings(rate, burst, nodelay, parse_key(options))
+        return ReqSettings(rate, burst, nodelay, parse_key(options), parse_rejection(options))
 
     def create(self, settings: ReqSettings, runtime: Any, scope: str) -> ReqFilter:
         return ReqFilter(settings, runtime, scope)
@@ -226,6 +258,7 @@ class LimitReq:
 class ConnSettings:
     conn: int
     key: LimitKey
+    rejection: Rejection = Rejection()
 
 
 @implementer(IRequestFilter)
@@ -250,8 +283,9 @@ class LimitConn:
     scopes = ("route", "consumer")
 
     def parse(self, options: PluginOptions) -> ConnSettings:
-        check_options(options, ("conn", "key"))
-        return ConnSettings(required_number(options, "conn", "concurrent requests"), parse_key(options))
+        check_options(options, ("conn", "key") + REJECTION_OPTIONS)
+        conn = required_number(options, "conn", "concurrent requests")
+        return ConnSettings(conn, parse_key(options), parse_rejection(options))
 
     def create(self, settings: ConnSettings, runtime: Any, scope: str) -> ConnFilter:
         return ConnFilter(settings, runtime.concurrency, scope, runtime)
