@@ -558,3 +558,76 @@ def test_limit_rejected_code_and_msg(admin):
     rejections = {p.name: p.settings.rejection for p in route.plugins}
     assert (rejections["limit-count"].code, rejections["limit-count"].message) == (503, "slow down")
     assert (rejections["limit-req"].code, rejections["limit-conn"].code) == (200, 429)
+
+
+def test_sub_path_patch_replaces_one_field(admin):
+    """PATCH /routes/ID/PATH: the body (any JSON value) replaces that field whole (null
+    removes it), validated as a full PATCH; objects on the way are made."""
+    admin.call("PUT", "/apisix/admin/routes", {**GUIDE, "methods": ["POST"], "plugins": {
+        "limit-count": {"count": 5, "time_window": 60}, **GUIDE["plugins"]}})
+    path = "/apisix/admin/routes/openai-chat"
+    code, body = admin.call("PATCH", path + "/plugins/limit-count", {"count": 2, "time_window": 10})
+    assert code == 200 and set(body) == {"key", "value", "source"}
+    assert body["value"]["plugins"]["limit-count"] == {"count": 2, "time_window": 10}
+    assert "proxy-rewrite" in body["value"]["plugins"]
+    route = next(r for r in admin.service.config.routes if r.name == "openai-chat")
+    assert next(p for p in route.plugins if p.name == "limit-count").settings.count == 2
+    assert admin.call("PATCH", path + "/uri", "/v1/embeddings")[1]["value"]["uri"] == "/v1/embeddings"
+    assert admin.call("PATCH", path + "/methods", ["GET", "POST"])[1]["value"]["methods"] == ["GET", "POST"]
+    code, body = admin.call("PATCH", path + "/upstream/nodes", {"127.0.0.1:8443": 1})
+    assert code == 200 and body["value"]["upstream"]["nodes"] == {"127.0.0.1:8443": 1}
+    assert admin.service.config.upstreams["route:openai-chat"].nodes[0].address == "127.0.0.1:8443"
+    assert "methods" not in admin.call("PATCH", path + "/methods", raw=b"null")[1]["value"]
+    code, body = admin.call("PATCH", path + "/labels/team", "a")  # labels made on the way
+    assert code == 200 and body["value"]["labels"] == {"team": "a"}
+    assert admin.call("PATCH", path + "/labels/x/y", raw=b"null")[1]["value"]["labels"] == {"team": "a"}
+    code, body = admin.call("PATCH", path + "/plugins/proxy-rewrite/headers/set/Authorization", "Bearer sk-other")
+    assert code == 200
+    assert body["value"]["plugins"]["proxy-rewrite"]["headers"]["set"] == {"Authorization": "Bearer sk-other"}
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/routes/openai-chat/uri/x", "a", 400, "invalid sub-path: /uri is not an object"),
+    ("/routes/openai-chat/methods/0", "GET", 400, "invalid sub-path: /methods is not an object"),
+    ("/routes/openai-chat/plugins//x", {}, 400, "invalid sub-path: /plugins//x (an empty name)"),
+    ("/routes/openai-chat/methods", "POST", 400,
+     'property "methods" validation failed: wrong type: expected array, got string'),
+    ("/routes/openai-chat/plugins/limit-count", {"count": 0, "time_window": 1}, 400,
+     'property "plugins.limit-count.count" validation failed'),
+    ("/routes/openai-chat/plugins/nope", {}, 400, "unknown plugin [nope]"),
+    ("/routes/openai-chat/id", "other", 400, "wrong route id"),
+    ("/routes/openai-chat/upstream", b"null", 400, "missing upstream"),
+    ("/routes/nope/uri", "/x", 404, "Key not found"),
+    ("/routes/file-route/uri", "/x", 400, "route [file-route] is defined in gw.ini"),
+    ("/upstreams/nope/nodes", {"h:1": 1}, 404, "Key not found"),
+    ("/consumers/nope/plugins", {}, 404, "Key not found"),
+])
+def test_sub_path_patch_errors(admin, path, body, status, message):
+    """Refused like a full PATCH (400 naming the field, 404 for a missing id); nothing changes."""
+    admin.call("PUT", "/apisix/admin/routes", {**GUIDE, "methods": ["POST"]})
+    before = (admin.service.config, admin.store.load())
+    raw = body if isinstance(body, bytes) else None
+    code, answer = admin.call("PATCH", "/apisix/admin" + path, body, raw=raw)
+    assert code == status and message in str(answer)
+    assert list(answer) == (["message"] if status == 404 else ["error_msg"])
+    assert (admin.service.config, admin.store.load()) == before
+
+
+def test_sub_path_patch_upstreams_and_consumers(admin):
+    """Upstreams and consumers too; a consumer's new key at a sub-path replaces the old one."""
+    assert admin.call("PUT", "/apisix/admin/upstreams/u", {"nodes": {"127.0.0.1:1": 1}})[0] == 201
+    code, body = admin.call("PATCH", "/apisix/admin/upstreams/u/timeout/read", 5)
+    assert code == 200 and body["value"]["timeout"] == {"read": 5}
+    assert admin.service.config.upstreams["u"].timeout_read == 5
+    admin.call("PUT", "/apisix/admin/consumers", {"username": "team-a", "plugins": {"key-auth": {"key": CONSUMER_KEY}}})
+    new_key = "sk-consumer-new-key-0123456789"
+    code, body = admin.call("PATCH", "/apisix/admin/consumers/team-a/plugins/key-auth/key", new_key)
+    assert code == 200 and new_key not in json.dumps(body)
+    stored = admin.store.load()["consumers"]["team-a"]["plugins"]["key-auth"]
+    assert stored == {"key_sha256": hashlib.sha256(new_key.encode()).hexdigest()}
+    code, body = admin.call("PATCH", "/apisix/admin/consumers/team-a/plugins/limit-count",
+                            {"count": 3, "time_window": 60})
+    assert code == 200 and body["value"]["plugins"]["limit-count"] == {"count": 3, "time_window": 60}
+    assert admin.call("PATCH", "/apisix/admin/consumers/team-a/username", "other")[0] == 400
+    for method in ("GET", "PUT", "DELETE"):
+        assert admin.call(method, "/apisix/admin/upstreams/u/nodes", {})[0] == 404

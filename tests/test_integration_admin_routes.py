@@ -76,3 +76,24 @@ def test_limit_count_rejected_code(gateway, pki, fake_node):
     assert json.loads(raw)["error"] == {"message": "quota used up", "type": "requests", "param": None,
                                         "code": "rate_limit_exceeded"}
     assert 0 < int(headers["Retry-After"]) <= 600
+
+
+def test_sub_path_patch(gateway, pki, fake_node):
+    """PATCH routes/ID/plugins/limit-count replaces just that plugin's settings: the route
+    serves again at once, its other plugins kept; PATCH routes/ID/hosts moves it to a host."""
+    code, body = gateway.admin("PUT", "routes/sp", {
+        "uri": "/sp/*", "upstream": upstream(pki, fake_node),
+        "plugins": {**marked("sp"), "limit-count": {"count": 1, "time_window": 600, "key_type": "constant"}}})
+    assert code == 201, body
+    assert call(gateway, "/sp/x", "gw")[0] == 200
+    assert call(gateway, "/sp/x", "gw")[0] == 429
+    code, body = gateway.admin("PATCH", "routes/sp/plugins/limit-count",
+                               {"count": 100, "time_window": 600, "key_type": "constant"})
+    assert code == 200 and body["value"]["plugins"]["proxy-rewrite"] == marked("sp")["proxy-rewrite"]
+    assert served_by(gateway, pki, fake_node, "/sp/x", "gw") == "sp"
+    assert gateway.admin("PATCH", "routes/sp/hosts", ["sp.example.com"])[0] == 200
+    assert served_by(gateway, pki, fake_node, "/sp/x", "gw") == 404
+    assert served_by(gateway, pki, fake_node, "/sp/x", "sp.example.com") == "sp"
+    assert gateway.admin("PATCH", "routes/sp/uri/x", "y") == (400, {"error_msg": "invalid sub-path: /uri is not an object"})
+    assert gateway.admin("PATCH", "routes/nope/uri", "/x") == (404, {"message": "Key not found"})
+    assert "patched /plugins/limit-count of route sp" in gateway.log()

@@ -7,8 +7,8 @@ import hashlib
 import hmac
 import json
 import os
-from typing import Any, Dict, Iterator, Optional, Tuple
-from urllib.parse import parse_qs
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+from urllib.parse import parse_qs, unquote
 
 from prometheus_client.core import CounterMetricFamily, Metric
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -95,7 +95,7 @@ class AdminResource(Resource):
 
     def render(self, request: IRequest) -> Any:
         method = request.method.decode("ascii", "replace")
-        resource, id, problem = self._target(request)
+        resource, id, sub_path, problem = self._target(request, method)
         address = request.getClientAddress()
         client = getattr(address, "host", None) or str(address)
         if problem is None:
@@ -106,21 +106,26 @@ class AdminResource(Resource):
         if problem is not None:
             return self._answer(request, resource, problem.status, {"error_msg": problem.message})
         assert resource is not None
-        done = Deferred.fromCoroutine(self._handle(request, method, resource, id, client))
+        done = Deferred.fromCoroutine(self._handle(request, method, resource, id, sub_path, client))
         done.addErrback(self._failed, request, resource)
         return NOT_DONE_YET
 
-    def _target(self, request: IRequest) -> Tuple[Optional[str], Optional[str], Optional[AdminError]]:
-        """(kind, id) from the path, or the 404 for a path that is not a resource."""
+    def _target(
+        self, request: IRequest, method: str
+    ) -> Tuple[Optional[str], Optional[str], Optional[List[str]], Optional[AdminError]]:
+        """(kind, id, sub-path) from the path, or the 404 for a path that is not a
+        resource; a sub-path (``/routes/ID/plugins/limit-count``) only for PATCH."""
         path = request.path
         parts = path[len(PREFIX):].split(b"/") if path.startswith(PREFIX) else []
         if parts and parts[-1] == b"" and len(parts) > 1:
             parts.pop()  # a trailing slash
-        if not parts or len(parts) > 2 or parts[0].decode("latin-1") not in KINDS:
-            return None, None, AdminError(404, "404 Not Found: /apisix/admin/{routes,upstreams,consumers}[/ID]")
+        if not parts or (len(parts) > 2 and method != "PATCH") or parts[0].decode("latin-1") not in KINDS:
+            return None, None, None, AdminError(
+                404, "404 Not Found: /apisix/admin/{routes,upstreams,consumers}[/ID] (PATCH: [/ID/PATH])")
         kind = parts[0].decode("ascii")
-        id = parts[1].decode("latin-1") if len(parts) == 2 else None
-        return kind, id, None
+        id = parts[1].decode("latin-1") if len(parts) >= 2 else None
+        sub_path = [unquote(part.decode("latin-1")) for part in parts[2:]] or None
+        return kind, id, sub_path, None
 
     def _denied(self, request: IRequest, address: Any) -> Optional[AdminError]:
         key = self._catalog.admin_key
@@ -156,15 +161,18 @@ class AdminResource(Resource):
                     method=request.method.decode("ascii", "replace"), resource=resource)
         self._write(request, resource, 500, {"error_msg": "internal error (see the gateway's log)"})
 
-    async def _handle(self, request: IRequest, method: str, kind: str, id: Optional[str], client: str) -> None:
+    async def _handle(
+        self, request: IRequest, method: str, kind: str, id: Optional[str], sub_path: Optional[List[str]], client: str
+    ) -> None:
         try:
-            status, body = await self._dispatch(request, method, kind, id, client)
+            status, body = await self._dispatch(request, method, kind, id, sub_path, client)
         except AdminError as e:
             status, body = e.status, ({"message": e.message} if e.status == 404 else {"error_msg": e.message})
         self._write(request, kind, status, body)
 
     async def _dispatch(
-        self, request: IRequest, method: str, kind: str, id: Optional[str], client: str
+        self, request: IRequest, method: str, kind: str, id: Optional[str], sub_path: Optional[List[str]],
+        client: str,
     ) -> Tuple[int, Any]:
         catalog = self._catalog
         if method == "GET":
@@ -189,20 +197,29 @@ class AdminResource(Resource):
             return 200, {"deleted": id, "key": _key(kind, id)}
         if method not in ("PUT", "POST", "PATCH"):
             raise AdminError(405, f"not supported `{method}` method for {SINGULAR[kind]}")
-        body = _body(request)
         if method == "PATCH":
             if id is None:
                 raise AdminError(400, f"missing {SINGULAR[kind]} id")
-            _body_id(kind, id, body)
+            if sub_path is None:
+                body = _body(request)
+                _body_id(kind, id, body)
+            else:
+                part = _json(request)
+                _sub_path_id(kind, id, sub_path, part)
             self._changeable(kind, id)
             old = catalog.stored(kind, id)
             if old is None:
                 raise AdminError(404, "Key not found")
-            value = merge(copy.deepcopy(old), body)
+            if sub_path is None:
+                value = merge(copy.deepcopy(old), body)
+            else:  # the value at that path replaced (null: removed), as APISIX's sub-path PATCH
+                value = replace_at(copy.deepcopy(old), sub_path, part)
+                body = replace_at({}, sub_path, part)  # what the change touched
             if kind == "consumers" and _sets_key(body):
                 value["plugins"]["key-auth"].pop("key_sha256", None)  # a new key replaces the old
             created = False
         else:
+            body = _body(request)
             if method == "POST":
                 if kind == "consumers":
                     raise AdminError(405, "not supported `POST` method for consumer")
@@ -219,6 +236,8 @@ class AdminResource(Resource):
             raise e.about(kind, id) from None
         await catalog.change(kind, id, value)
         action = "created" if created else "patched" if method == "PATCH" else "replaced"
+        if sub_path is not None:
+            action += " /" + "/".join(sub_path) + " of"
         log.info("Admin API: {client} {action} {kind} {id}", client=client, action=action,
                  kind=SINGULAR[kind], id=id)
         return (201 if created else 200), _item(kind, "api", value)
@@ -241,6 +260,14 @@ def _item(kind: str, source: str, value: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _body(request: IRequest) -> Dict[str, Any]:
+    body = _json(request)
+    if not isinstance(body, dict):
+        raise AdminError(400, "invalid request body: expected a JSON object")
+    return body
+
+
+def _json(request: IRequest) -> Any:
+    """The request's body: any JSON value."""
     content = request.content
     content.seek(0)
     data = content.read(MAX_BODY + 1)
@@ -256,8 +283,6 @@ def _body(request: IRequest) -> Dict[str, Any]:
         json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise AdminError(400, "invalid request body: a string holds a lone UTF-16 surrogate") from None
-    if not isinstance(body, dict):
-        raise AdminError(400, "invalid request body: expected a JSON object")
     return body
 
 
@@ -278,6 +303,35 @@ def _body_id(kind: str, url_id: Optional[str], body: Dict[str, Any]) -> str:
         raise schema.invalid(field, f"{id[:80]!r} does not match [A-Za-z0-9._-]{{1,64}}")
     body.pop(field, None)
     return id
+
+
+def _sub_path_id(kind: str, id: str, sub_path: List[str], value: Any) -> None:
+    """A sub-path PATCH may not change the object's id (a consumer's username)."""
+    if any(not name for name in sub_path):
+        raise AdminError(400, f"invalid sub-path: /{'/'.join(sub_path)} (an empty name)")
+    field = "username" if kind == "consumers" else "id"
+    if sub_path[0] == field and (len(sub_path) > 1 or value != id):
+        raise AdminError(400, f"wrong {SINGULAR[kind]} {field}")
+
+
+def replace_at(target: Dict[str, Any], path: List[str], value: Any) -> Dict[str, Any]:
+    """``target`` with the value at ``path`` (names of nested objects) set to ``value``
+    (None: removed); missing objects on the way are made (none to remove from)."""
+    node = target
+    for number, name in enumerate(path[:-1]):
+        child = node.get(name)
+        if child is None:
+            if value is None:
+                return target
+            child = node[name] = {}
+        if not isinstance(child, dict):
+            raise AdminError(400, f"invalid sub-path: /{'/'.join(path[:number + 1])} is not an object")
+        node = child
+    if value is None:
+        node.pop(path[-1], None)
+    else:
+        node[path[-1]] = copy.deepcopy(value)
+    return target
 
 
 def _sets_key(patch: Dict[str, Any]) -> bool:
