@@ -45,13 +45,13 @@ def build_routes(
 ) -> Tuple[IResource, Dict[str, Upstream]]:
     """The root resource serving ``config``'s routes, and the upstreams it calls.
 
-    ``runtime.keyring`` is filled with ``config``'s consumers; the response cache's
-    store is sized for its routes.  Upstreams in ``running`` whose configuration is
+    ``runtime.keyring`` is filled with ``config``'s consumers (nothing else shared
+    changes: the response cache's store is sized by whoever serves the result, see
+    ``ResponseCache.size_for``).  Upstreams in ``running`` whose configuration is
     unchanged are kept (with their pooled connections) instead of made anew; a new
     one keeps its nodes' health from ``healths`` (by name: the previous
     configuration's) when its nodes and checks are the same.
     """
-    runtime.responses.size_for(config)
     for consumer in config.consumers:
         scope = f"consumer:{consumer.name}"
         filters = tuple(REGISTRY[p.name].create(p.settings, runtime, scope) for p in consumer.plugins)
@@ -83,7 +83,9 @@ def build_site(
 ) -> Tuple[GatewaySite, Dict[str, Upstream]]:
     """The Site serving ``config``'s routes, and the upstreams it calls."""
     telemetry = telemetry or Telemetry()
-    root, upstreams = build_routes(config, reactor, runtime or Runtime.memory(reactor), telemetry)
+    runtime = runtime or Runtime.memory(reactor)
+    runtime.responses.size_for(config)
+    root, upstreams = build_routes(config, reactor, runtime, telemetry)
     return GatewaySite(root, reactor, config.gateway, telemetry), upstreams
 
 
@@ -291,6 +293,7 @@ class GatewayService(Service):
 
         def commit() -> List[str]:
             # New requests find the new routes; those in flight keep the objects they hold.
+            runtime.responses.size_for(config)  # not before: a change refused after prepare leaves it
             self.site.resource = root
             self.site.configure(config.gateway, fit_connections(config))
             self.status_site.resource = status_resource(self, self.telemetry.metrics)

@@ -396,6 +396,30 @@ def test_store_failure_changes_nothing(tmp_path):
     assert admin.call("GET", "/apisix/admin/routes/openai-chat")[0] == 404
 
 
+def test_refused_change_leaves_the_cache_store_as_it_was(tmp_path):
+    """A change that cannot be saved does not resize (and so empty) the response cache's store."""
+    directory = tmp_path / "state"
+    directory.mkdir()
+    admin = Admin(store=FileStore(str(directory / "admin.json")))
+    cached = {"uri": "/v1/x", "upstream_id": "file-up", "plugins": {"cache": {"memory": "1M"}}}
+    assert admin.call("PUT", "/apisix/admin/routes/c", cached)[0] == 201
+    store = admin.service._runtime.responses.store
+    assert store.max_bytes == 1 << 20
+    store.set("k", b"v" * 1000, 60)
+    state = directory / "admin.json"
+    kept = state.read_bytes()
+    state.unlink()
+    (state / "in-the-way").mkdir(parents=True)  # the next save cannot rename onto it (even as root)
+    code, body = admin.call("PATCH", "/apisix/admin/routes/c/plugins/cache/memory", "1K")
+    assert code == 503, body
+    assert store.max_bytes == 1 << 20 and len(store) == 1
+    (state / "in-the-way").rmdir()
+    state.rmdir()
+    state.write_bytes(kept)
+    assert admin.call("PATCH", "/apisix/admin/routes/c/plugins/cache/memory", "1K")[0] == 200
+    assert store.max_bytes == 1 << 10 and len(store) == 0
+
+
 def test_reload_keeps_api_objects_and_refuses_what_breaks_them(tmp_path):
     """A reload of gw.ini keeps the API's objects; one that removes an upstream an API
     route uses is refused."""
