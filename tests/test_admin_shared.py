@@ -120,3 +120,40 @@ class SharedTests(unittest.TestCase):
         """Shared objects that do not fit this gateway's gw.ini are refused (logged
         once); it keeps serving the previous ones and cannot change them meanwhile."""
         return Deferred.fromCoroutine(self._refused())
+
+    async def _bad_snapshots(self) -> None:
+        a = Gateway(self.clients[0], "only-a")
+        logged: List[str] = []
+
+        def observe(event: Any) -> None:
+            if event.get("log_level") is not None and event["log_level"].name in ("error", "critical"):
+                logged.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        await a.catalog._sync()
+        await a.put("r", ROUTE)
+        redis = self.clients[1]
+        for snapshot, why in (
+            (b'{"routes": {"x": 5}}', "routes [x] is not a JSON object"),
+            (b'{"routes": {"x": [1]}}', "routes [x] is not a JSON object"),
+            (b"not json", "is not valid JSON"),
+        ):
+            await redis.execute("SET", b"openaigw:admin:objects", snapshot)
+            await redis.execute("INCR", b"openaigw:admin:revision")
+            for _ in range(3):  # as every 0.5 s
+                await a.catalog._sync()
+            self.assertEqual(len(logged), 1, logged)
+            self.assertIn(why, logged.pop())
+            self.assertEqual(a.routes(), ["r"])
+        await redis.execute("SET", b"openaigw:admin:revision", b"seven")
+        for _ in range(3):
+            await a.catalog._sync()
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn("openaigw:admin:revision is not a revision number", logged.pop())
+        self.assertEqual(a.routes(), ["r"])
+
+    def test_bad_snapshots_are_logged_once_each(self) -> Any:
+        """A snapshot in Redis that is not objects (or a revision that is not a number) is
+        refused and logged once, however often it is fetched; the last good objects stay."""
+        return Deferred.fromCoroutine(self._bad_snapshots())

@@ -37,9 +37,17 @@ return {1, redis.call('INCR', KEYS[2])}
 
 
 def _decode(blob: bytes) -> Objects:
-    state = json.loads(blob.decode("utf-8"))
+    """The objects of a snapshot; ValueError saying what is wrong with it."""
+    try:
+        state = json.loads(blob.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{OBJECTS.decode()} is not valid JSON ({e})") from None
     if not isinstance(state, dict) or not all(isinstance(state.get(kind, {}), dict) for kind in KINDS):
-        raise ValueError("not an object of objects by kind")
+        raise ValueError(f"{OBJECTS.decode()} is not an object of objects by kind")
+    for kind in KINDS:
+        for id, value in state.get(kind, {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"{OBJECTS.decode()}: {kind} [{id}] is not a JSON object")
     return {kind: state.get(kind, {}) for kind in KINDS}
 
 
@@ -53,7 +61,7 @@ class RedisStore:
         self._objects = copy.deepcopy(objects)
         self._clock = clock
         self.revision: Optional[int] = None  # Redis's revision of our objects; None: not known yet
-        self._refused: Optional[int] = None  # a revision that did not fit (logged once)
+        self._refused: Any = None  # the revision that did not fit (logged once), as fetched
         self._call: Any = None
 
     def load(self) -> Objects:
@@ -116,6 +124,9 @@ class RedisStore:
             blob, revision = await self._redis.execute("MGET", OBJECTS, REVISION)
         except (RedisUnavailable, RedisError):
             return None
+        if revision is not None and not revision.isdigit():
+            self.refuse(revision.decode("latin-1"), f"{REVISION.decode()} is not a revision number")
+            return None
         current = int(revision or 0)
         if current == self.revision or current == self._refused:
             return None
@@ -130,11 +141,12 @@ class RedisStore:
         try:
             return _decode(blob), current
         except ValueError as e:
-            self.refuse(current, f"{OBJECTS.decode()} is not valid JSON ({e})")
+            self.refuse(current, str(e))
             return None
 
-    def refuse(self, revision: int, why: str) -> None:
-        """Keep serving the last good objects: revision ``revision`` does not fit."""
+    def refuse(self, revision: Any, why: str) -> None:
+        """Keep serving the last good objects: revision ``revision`` does not fit (logged
+        once for each revision refused)."""
         if self._refused != revision:
             log.error("Admin API: revision {revision} of the shared objects is refused, still"
                       " serving the previous ones: {why}", revision=revision, why=why)
