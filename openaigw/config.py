@@ -349,9 +349,9 @@ def parse(text: str, path: str, environ: Mapping[str, str]) -> Config:
                 "unknown section (expected [gateway], [upstream:NAME], [route:NAME]"
                 " or [consumer:NAME])",
             )
-    upstreams = {s.name.partition(":")[2]: _upstream(s) for s in upstream_sections}
+    upstreams = {s.name.partition(":")[2]: parse_upstream(s) for s in upstream_sections}
     names = tuple(s.name.partition(":")[2] for s in consumer_sections)
-    consumers = tuple(_consumer(s, names) for s in consumer_sections)
+    consumers = tuple(parse_consumer(s, names) for s in consumer_sections)
     digests: Dict[bytes, str] = {}
     for consumer in consumers:
         if consumer.key_digest in digests:
@@ -359,7 +359,7 @@ def parse(text: str, path: str, environ: Mapping[str, str]) -> Config:
                 f"{path}: [consumer:{consumer.name}]: same key as [consumer:{digests[consumer.key_digest]}]"
             )
         digests[consumer.key_digest] = consumer.name
-    routes = tuple(_route(s, upstreams, names) for s in route_sections)
+    routes = tuple(parse_route(s, upstreams, names) for s in route_sections)
     if not routes and not gateway.admin:
         raise ConfigError(f"{path}: no [route:NAME] section (and no admin listener): nothing to serve")
     check_overlaps(routes, route_sections)
@@ -573,7 +573,8 @@ def _nodes(section: Section, scheme: str) -> Tuple[Node, ...]:
     return tuple(nodes)
 
 
-def _upstream(section: Section) -> UpstreamConfig:
+def parse_upstream(section: Section) -> UpstreamConfig:
+    """An ``[upstream:NAME]`` section (or the Admin API's upstream, mapped onto one)."""
     _known(
         section,
         (
@@ -740,7 +741,8 @@ def _plugins(
     return tuple(plugins)
 
 
-def _consumer(section: Section, names: Tuple[str, ...]) -> ConsumerConfig:
+def parse_consumer(section: Section, names: Tuple[str, ...]) -> ConsumerConfig:
+    """A ``[consumer:NAME]`` section; ``names``: every consumer's (for the plugins)."""
     name = section.name.partition(":")[2]
     if "key" in section and "key_sha256" in section:
         raise section.error("key", "give key_sha256 or key, not both")
@@ -760,9 +762,10 @@ def _consumer(section: Section, names: Tuple[str, ...]) -> ConsumerConfig:
     return ConsumerConfig(name, key_digest, plugins)
 
 
-def _route(
+def parse_route(
     section: Section, upstreams: Mapping[str, UpstreamConfig], consumers: Tuple[str, ...] = ()
 ) -> RouteConfig:
+    """A ``[route:NAME]`` section, calling ``upstreams``; ``consumers``: every consumer's name."""
     name = section.name.partition(":")[2]
     uris = tuple(section.require("uri").split())
     for uri in uris:

@@ -322,7 +322,7 @@ def upstream(name: str, value: Dict[str, Any], environ: Mapping[str, str], field
     if "idle_timeout" in pool:
         flat.set("keepalive_timeout", pool["idle_timeout"], f"{prefix}keepalive_pool.idle_timeout")
     section = JsonSection(f"upstream:{name}", flat, environ)
-    return _parsed(lambda: config._upstream(section))
+    return _parsed(lambda: config.parse_upstream(section))
 
 
 # --- routes ------------------------------------------------------------------------------
@@ -409,7 +409,7 @@ def route(
             flat.set(key, " ".join(value[key]), key)
     _plugins(value, "route", flat)
     section = JsonSection(f"route:{route_id}", flat, environ)
-    return _parsed(lambda: config._route(section, upstreams, consumers)), inline, section
+    return _parsed(lambda: config.parse_route(section, upstreams, consumers)), inline, section
 
 
 # --- consumers ---------------------------------------------------------------------------
@@ -433,7 +433,7 @@ def consumer(
             flat.set(name, auth[name], f"{field}.{name}")
     _plugins(value, "consumer", flat)
     section = JsonSection(f"consumer:{username}", flat, environ)
-    return _parsed(lambda: config._consumer(section, consumers))
+    return _parsed(lambda: config.parse_consumer(section, consumers))
 
 
 def stored_consumer(value: Dict[str, Any], parsed: ConsumerConfig) -> Dict[str, Any]:
