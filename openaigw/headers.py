@@ -63,7 +63,8 @@ def request_headers(request: IRequest, scheme: bytes, client: str, underscores: 
 def response_headers(upstream: Headers) -> Headers:
     """The upstream's end-to-end response headers: ``upstream`` itself, its hop-by-hop
     headers removed (the answer's headers are the gateway's to change: no copy)."""
-    dropped = _NOT_RETURNED | connection_tokens(upstream)
+    tokens = connection_tokens(upstream)
+    dropped = _NOT_RETURNED | tokens if tokens else _NOT_RETURNED
     for name in [name for name, _ in upstream.getAllRawHeaders() if name.lower() in dropped]:
         upstream.removeHeader(name)
     return upstream

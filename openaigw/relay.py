@@ -263,10 +263,10 @@ class RouteResource(Resource):
             headers.setRawHeaders(name, [value])
         request = exchange.request
         request.setResponseCode(code, head.phrase)
-        ours = request.responseHeaders.getRawHeaders(b"x-request-id")
-        if ours:  # the upstream's own id passes through; ours goes beside it
-            theirs = headers.hasHeader(b"x-request-id")
-            headers.setRawHeaders(b"x-gateway-request-id" if theirs else b"x-request-id", ours)
+        ours = [exchange.context.record.request_id.encode("ascii")]  # (GatewayRequest.process's)
+        # The upstream's own id passes through; ours goes beside it.
+        theirs = headers.hasHeader(b"x-request-id")
+        headers.setRawHeaders(b"x-gateway-request-id" if theirs else b"x-request-id", ours)
         channel = request.channel
         if channel is not None and not channel.persistent:  # closing after this answer
             headers.setRawHeaders(b"connection", [b"close"])
