@@ -1,6 +1,6 @@
 """Deterministic cost of the gateway's own code: CPU instructions per request or chunk.
 
-    python bench/instructions.py [plain|full|stream|all]   # needs valgrind
+    python bench/instructions.py [plain|full|stream|stream-usage|all]   # needs valgrind
     python bench/instructions.py --profile plain           # cProfile's top entries
 
 The gateway of bench/run.py (its routes, proxy-rewrite, the JSON access log; "full"
@@ -9,7 +9,8 @@ GatewaySite and upstream client over StringTransports and a MemoryReactorClock, 
 one kept-alive client connection and one kept-alive upstream connection.  Each
 scenario runs under callgrind twice, with a small and a large count; the difference
 divided by the difference of the counts is the instructions of one request (or, for
-"stream", one SSE chunk relayed).  No sockets and no reactor: what it counts is
+"stream", one SSE chunk relayed; "stream-usage": one chunk carrying the ``"usage":null``
+that OpenAI adds once asked for usage, stripped for the client).  No sockets and no reactor: what it counts is
 Python work, the same on a busy machine as on a quiet one, so two commits compare
 exactly.  Syscalls and the reactor's own cost are what bench/run.py measures.
 """
@@ -44,8 +45,12 @@ EVENT = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","create
 USAGE = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
          b'"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":14,'
          b'"completion_tokens":20,"total_tokens":34}}\n\ndata: [DONE]\n\n')
+# As OpenAI sends them once asked for usage (which the gateway does for every stream):
+# "usage":null in every chunk, which the gateway strips for a client that did not ask.
+EVENT_ASKED = EVENT[:-3] + b',"usage":null}\n\n'
 # (small, large): the counts whose difference is measured.
-COUNTS = {"plain": (100, 600), "full": (100, 600), "stream": (20, 420)}
+COUNTS = {"plain": (100, 600), "full": (100, 600), "stream": (20, 420), "stream-usage": (20, 420)}
+SCENARIOS = tuple(COUNTS)
 
 
 def config(full: bool) -> str:
@@ -128,16 +133,19 @@ def run(scenario: str, count: int) -> None:
     """Relay ``count`` requests (or, for "stream", one stream of ``count`` chunks)."""
     full = scenario == "full"
     send, upstream, clock, client = gateway(full)
-    if scenario == "stream":
+    if scenario.startswith("stream"):
         send(request(STREAM_BODY, full))
         protocol = upstream[0][0]
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                               b"Transfer-Encoding: chunked\r\n\r\n")
-        chunk = b"%x\r\n%s\r\n" % (len(EVENT), EVENT)
+        event = EVENT_ASKED if scenario == "stream-usage" else EVENT
+        chunk = b"%x\r\n%s\r\n" % (len(event), event)
         for _ in range(count):
             protocol.dataReceived(chunk)
         protocol.dataReceived(b"%x\r\n%s\r\n0\r\n\r\n" % (len(USAGE), USAGE))
         check(client.value(), b"data: [DONE]")
+        if b'"usage"' in client.value():
+            raise SystemExit("the usage the gateway asked for reached the client")
         return
     answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\nX-Request-Id: req_1\r\n\r\n" % len(CHAT) + CHAT)
@@ -169,24 +177,25 @@ def instructions(scenario: str, count: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", nargs="?", default="all", choices=("plain", "full", "stream", "all"))
+    parser.add_argument("scenario", nargs="?", default="all", choices=SCENARIOS + ("all",))
     parser.add_argument("--profile", action="store_true", help="cProfile's top 25 entries instead")
     parser.add_argument("--run", nargs=2, metavar=("SCENARIO", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         run(args.run[0], int(args.run[1]))
         return
-    scenarios = ("plain", "full", "stream") if args.scenario == "all" else (args.scenario,)
+    scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
     for scenario in scenarios:
         small, large = COUNTS[scenario]
         if args.profile:
+            run(scenario, 1)  # imports and first-time costs: not in the profile
             profile = cProfile.Profile()
             profile.runcall(run, scenario, large)
-            print(f"== {scenario}: {large} {'chunks' if scenario == 'stream' else 'requests'}")
+            print(f"== {scenario}: {large} {'chunks' if scenario.startswith('stream') else 'requests'}")
             pstats.Stats(profile).sort_stats("tottime").print_stats(25)
             continue
         cost = (instructions(scenario, large) - instructions(scenario, small)) / (large - small)
-        unit = "chunk" if scenario == "stream" else "request"
+        unit = "chunk" if scenario.startswith("stream") else "request"
         print(f"{scenario:7s} {cost / 1000:8.1f} k instructions per {unit}", flush=True)
 
 

@@ -7,7 +7,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-from openaigw.sse import EventSplitter, event_data
+from openaigw.sse import EventSplitter, event_data, split_events
 
 JSON_COPY_LIMIT = 16 << 20  # bytes of a JSON answer kept to read its usage
 EVENT_LIMIT = 1 << 20  # an unfinished event longer than this: stop looking (estimate)
@@ -130,13 +130,21 @@ class UsageMeter:
                 self._give_up()
                 return data
         if self._sse:
-            kept = [self._sse_event(event) for event in self._splitter.feed(plain)]
-            if len(self._splitter.rest()) > EVENT_LIMIT:
-                strip, rest = self._strip, self._splitter.rest()
+            events, count = self._splitter.take(plain)
+            # Only events naming "usage" need a look: the last ones (or, once the
+            # gateway asked for usage, every one: "usage":null, stripped).
+            if events.find(b'"usage"') < 0:  # (find, not in: see EventSplitter)
+                self._events += count
+            elif count == 1:
+                events = self._sse_event(events)
+            else:
+                events = b"".join([self._sse_event(event) for event in split_events(events)])
+            if len(self._splitter.pending) > EVENT_LIMIT:
+                strip, rest = self._strip, self._splitter.pending
                 self._give_up()
-                return b"".join(kept) + rest if strip else data
+                return events + rest if strip else data
             if self._strip:
-                return b"".join(kept)
+                return events
         elif self._json:
             self._copy.append(plain)
             self._copied += len(plain)
@@ -151,10 +159,10 @@ class UsageMeter:
         self._copy = []
 
     def _sse_event(self, event: bytes) -> bytes:
-        if b'"usage"' not in event:
+        if event.find(b'"usage"') < 0:
             self._events += 1
             return event
-        if b'"usage":{' in event or b'"usage": {' in event:
+        if event.find(b'"usage":{') >= 0 or event.find(b'"usage": {') >= 0:
             data = event_data(event)
             try:
                 chunk = json.loads(data) if data else None
