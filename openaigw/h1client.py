@@ -35,6 +35,7 @@ MAX_HEAD = 64 * 1024  # bytes of status line and headers
 _MAX_CHUNK_LINE = 4096
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_PLAIN_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})\r\n")  # no extension, no blanks
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|[,;])\s*timeout\s*=\s*\"?([0-9]{1,9})", re.IGNORECASE)
 
@@ -178,6 +179,13 @@ class ChunkedDecoder:
 
     def feed(self, data: bytes) -> bytes:
         """The body data in ``data`` (maybe b""); raises :class:`InvalidResponse`."""
+        if self._state == _SIZE and not self._buffer:  # a read of one whole chunk: the usual case
+            match = _PLAIN_CHUNK_SIZE.match(data)
+            if match is not None:
+                start = match.end()
+                end = start + int(match.group(1), 16)
+                if end > start and len(data) == end + 2 and data.endswith(b"\r\n"):
+                    return data[start:end]
         buffer = self._buffer + data if self._buffer else data
         out = []
         position = 0

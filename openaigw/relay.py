@@ -62,7 +62,8 @@ class BodyRelay(Protocol):
     Registered as the client's producer: a slow client pauses reading from the
     upstream.  One timer of ``timeout`` seconds watches whichever side is due: the
     upstream's silence while relaying, or the client's not reading while paused
-    (then both connections are dropped).  A ``meter`` sees every read (and may hold
+    (then both connections are dropped); a read only notes its time, and the timer,
+    when it comes, waits again for what is left.  A ``meter`` sees every read (and may hold
     back bytes the client must not get).  ``done`` fires when the body has ended
     either way; :meth:`abandon` closes the upstream connection.  (``done`` has no
     canceller: Twisted before 24 keeps a fired Deferred's canceller, which would tie
@@ -83,6 +84,7 @@ class BodyRelay(Protocol):
         self._meter = meter
         self._on_cut = on_cut
         self._timer: Any = None
+        self._since = 0.0  # when the wait being timed began: the last read, or the pause
         self._paused = False
         self._timed_out = False
         self.done: "Deferred[None]" = Deferred()
@@ -92,14 +94,14 @@ class BodyRelay(Protocol):
         self._arm()
 
     def _arm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._timeout)
-        else:
+        """Time a new wait from now."""
+        self._since = self._clock.seconds()
+        if self._timer is None or not self._timer.active():
             self._timer = self._clock.callLater(self._timeout, self._expire)
 
     def dataReceived(self, data: bytes) -> None:
         if not self._paused:  # reads already under way may still arrive after a pause
-            self._timer.reset(self._timeout)
+            self._since = self._clock.seconds()
         if self._meter is not None:
             data = self._meter.feed(data)
             if not data:
@@ -150,6 +152,10 @@ class BodyRelay(Protocol):
             self._meter.finish(False)
 
     def _expire(self) -> None:
+        left = self._since + self._timeout - self._clock.seconds()
+        if left > 0:  # the wait began after the timer was set: time what is left
+            self._timer = self._clock.callLater(left, self._expire)
+            return
         self._timed_out = True
         self.transport.stopProducing()
 

@@ -333,6 +333,12 @@ class GatewayRequest(Request):
 
     def write(self, data: bytes) -> None:
         if self.startedWriting:
+            if self.chunked and data and not (self.finished or self._disconnected or self._encoder):
+                # A stream's chunk: Twisted's framing, written here in one piece
+                # (its path is four calls and a writeSequence per chunk).
+                self.sentLength += len(data)
+                self.channel.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+                return
             super().write(data)
             return
         record = self.context.record

@@ -17,6 +17,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from openaigw.h1client import (
     MAX_HEAD,
+    ChunkedDecoder,
     ConnectionPool,
     InvalidResponse,
     NoConnectionFree,
@@ -277,6 +278,21 @@ def test_whole_head_over_max_head_in_one_read():
     call = Pool().ask()
     call.answer(b"HTTP/1.1 200 OK\r\nX: " + b"a" * MAX_HEAD + b"\r\nContent-Length: 0\r\n\r\n")
     assert call.failure.check(InvalidResponse) and call.transport.disconnected
+
+
+def test_chunked_decoder_one_chunk_a_read():
+    """A read of exactly one chunk (the usual case in a stream) decodes as any other;
+    one that only looks like it is still refused."""
+    decoder = ChunkedDecoder()
+    assert [decoder.feed(c) for c in (b"5\r\nhello\r\n", b"1A\r\n" + b"x" * 26 + b"\r\n")] == [b"hello", b"x" * 26]
+    assert decoder.feed(b"0\r\n\r\n") == b"" and decoder.done and not decoder.extra
+    for bad in (b"2\r\nabcd", b"2\r\nab\n\n", b"3\r\nab\r\n"):
+        decoder.reset()
+        try:
+            out = decoder.feed(bad) + decoder.feed(b"\r\n0\r\n\r\n")
+        except InvalidResponse:
+            continue
+        raise AssertionError(f"{bad!r} gave {out!r}")
 
 
 @pytest.mark.parametrize("chunks", (b"zz\r\nab\r\n", b"2\r\nabcd\r\n", b"2\r\nabc\n", b"1" * 5000),
