@@ -147,7 +147,11 @@ class GatewayChannel(HTTPChannel):
         if timer is None:
             self._timer = self.callLater(seconds, self._deadline_reached)
         elif timer.getTime() > deadline:
-            timer.reset(seconds)
+            # A new timer, not timer.reset: Twisted moves a timer sooner with a
+            # linear search of all pending timers (one per connection: a burst
+            # of new requests on many connections went quadratic).
+            timer.cancel()
+            self._timer = self.callLater(seconds, self._deadline_reached)
         # else the timer fires first, and waits again for what is left
 
     def _deadline_reached(self) -> None:
