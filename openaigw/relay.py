@@ -27,7 +27,7 @@ from openaigw.telemetry import Telemetry
 from openaigw.config import Node
 from openaigw.fallback import UpstreamChain
 from openaigw.upstream import Discard, Upstream
-from openaigw.usage import UsageMeter, ask_for_usage
+from openaigw.usage import UsageMeter, ask_for_usage, with_usage_asked
 
 log = Logger()
 # Why an answer was cut -> the failure it counts as for the node's health.
@@ -45,11 +45,17 @@ def _model(exchange: Exchange) -> Optional[str]:
 def _ask_for_usage(exchange: Exchange) -> None:
     """Make a chat/completions (or completions) stream ask the upstream for its usage
     chunk, for exact token counts; a client that did not ask never sees it."""
-    if not exchange.path.partition(b"?")[0].endswith(_USAGE_APIS) or b'"stream"' not in exchange.body:
+    if not exchange.path.partition(b"?")[0].endswith(_USAGE_APIS) or exchange.body.find(b'"stream"') < 0:
         return
     body = exchange.json()
-    if isinstance(body, dict) and ask_for_usage(body):
-        exchange.set_json(body)
+    if not isinstance(body, dict):
+        return
+    added = None if "stream_options" in body else with_usage_asked(exchange.body)
+    if ask_for_usage(body):
+        if added is None:
+            exchange.set_json(body)
+        else:  # (the parsed body, changed alike by ask_for_usage, stays exchange.json())
+            exchange.body = added
         exchange.strip_usage = True
         exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])  # strippable
 

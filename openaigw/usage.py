@@ -39,6 +39,17 @@ def ask_for_usage(body: Dict[str, Any]) -> bool:
     return True
 
 
+def with_usage_asked(raw: bytes) -> Optional[bytes]:
+    """``raw``, the text of a JSON object that has no ``stream_options``, asking for the
+    usage chunk: the member put first, the client's bytes otherwise as they came (no
+    re-encoding of a body that may be long).  None if ``raw`` is not UTF-8 text that
+    opens an object (JSON may come in UTF-16 or 32 too): serialise it instead."""
+    start = len(raw) - len(raw.lstrip(b" \t\r\n"))
+    if raw[start : start + 1] != b"{" or raw.find(b"\x00", 0, start + 4) >= 0:
+        return None
+    return raw[: start + 1] + b'"stream_options":{"include_usage":true},' + raw[start + 1 :]
+
+
 def estimate_prompt_tokens(body: Any) -> int:
     """About four characters a token, over the text of messages, prompt or input."""
     if not isinstance(body, dict):

@@ -54,6 +54,35 @@ def test_stream_without_a_token_limit_gets_exact_usage():
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, usage.estimated) == (7, 3, 10, False)
 
 
+@pytest.mark.parametrize("body, kept", [
+    (' \n{ "model": "m", "stream": true, "messages": [{"role": "user", "content": "h\u00e9 \\u00e9"}] }', True),
+    ('{"model":"m","stream":true,"stream_options":{"x":1},"messages":[]}', False),
+])
+def test_usage_asked_with_the_clients_bytes(body, kept):
+    """Asking for usage adds one member; the rest of the client's text goes as it came
+    (spacing, escapes, UTF-8), else (other stream_options) it is serialised anew."""
+    raw = body.encode("utf-8") if isinstance(body, str) else body
+    gw = Gateway()
+    gw.client(post(CHAT, raw))
+    sent = sent_body(gw)
+    asked = json.loads(sent)
+    assert asked["stream_options"]["include_usage"] is True
+    assert {k: v for k, v in asked.items() if k != "stream_options"} == {
+        k: v for k, v in json.loads(raw).items() if k != "stream_options"}
+    assert (raw.lstrip()[1:] in sent) is kept
+
+
+def test_usage_asked_in_utf8_text_only():
+    """JSON in UTF-16 or 32, or after a BOM, is not edited as bytes (None: serialise it)."""
+    from openaigw.usage import with_usage_asked
+
+    text = '{"stream":true,"messages":[]}'
+    for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"):
+        assert with_usage_asked(text.encode(encoding)) is None
+    assert json.loads(with_usage_asked(b"\r\n " + text.encode())) == {
+        "stream_options": {"include_usage": True}, "stream": True, "messages": []}
+
+
 def test_client_that_did_not_ask_never_sees_the_usage_chunk():
     """The client gets the stream it asked for: no usage chunk, no "usage": null fields."""
     gw = Gateway()
