@@ -607,7 +607,7 @@ class _Node:
         return self.endpoint.connect(factory).addErrback(self._not_connected, factory)
 
     def _not_connected(self, failure: Failure, factory: "_ConnectionFactory") -> Failure:
-        if factory.connection is None:  # (else it is gone when that connection is lost)
+        if not factory.built:  # (else its place is freed when that connection is lost)
             self._slot_freed()
         return failure
 
@@ -676,12 +676,15 @@ class _ConnectionFactory(Factory):
 
     def __init__(self, node: _Node) -> None:
         self._node = node
-        self.connection: Optional[UpstreamConnection] = None
+        # Whether the connection was made, not the connection: Twisted's connector
+        # (which holds this factory) and its transport hold each other, a cycle
+        # only the collector frees; the connection is not to wait in it.
+        self.built = False
 
     def buildProtocol(self, addr: Any) -> UpstreamConnection:
         node = self._node
-        self.connection = UpstreamConnection(node._pool._clock, node.released, node.gone)
-        return self.connection
+        self.built = True
+        return UpstreamConnection(node._pool._clock, node.released, node.gone)
 
 
 class ConnectionPool:
