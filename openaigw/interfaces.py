@@ -150,4 +150,5 @@ class ISharedObjectStore(IObjectStore):
         """A coroutine: ``objects`` (of ``revision``) are served now."""
 
     def refuse(revision, why):  # type: ignore[no-untyped-def]
-        """Revision ``revision`` cannot be served here (``why`` is logged once)."""
+        """Revision ``revision`` cannot be served here (``why`` is logged once); true
+        the first time it is refused."""

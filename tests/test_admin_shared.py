@@ -157,3 +157,34 @@ class SharedTests(unittest.TestCase):
         """A snapshot in Redis that is not objects (or a revision that is not a number) is
         refused and logged once, however often it is fetched; the last good objects stay."""
         return Deferred.fromCoroutine(self._bad_snapshots())
+
+    async def _failing_prepare(self) -> None:
+        a, b = Gateway(self.clients[0], "only-a"), Gateway(self.clients[1], "only-a")
+        logged: List[str] = []
+
+        def observe(event: Any) -> None:
+            if event.get("log_level") is not None and event["log_level"].name in ("error", "critical"):
+                logged.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        await a.catalog._sync()
+        await b.catalog._sync()
+
+        def broken(served: Any, keep_upstreams: bool) -> Any:
+            raise RuntimeError("cannot build it")
+
+        a.catalog._prepare = broken
+        await b.put("r", ROUTE)
+        for _ in range(3):  # as every 0.5 s
+            await a.catalog._sync()
+        self.assertEqual(len(logged), 2, logged)  # the refusal, then the traceback, once
+        self.assertIn("they could not be applied (cannot build it)", logged[0])
+        self.assertIn("applying revision", logged[1])
+        self.assertEqual(a.routes(), [])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_a_snapshot_that_cannot_be_applied_is_logged_once(self) -> Any:
+        """Objects that pass validation but fail to be built here are refused, with their
+        traceback logged once, not every check."""
+        return Deferred.fromCoroutine(self._failing_prepare())

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from openaigw import config as configuration
 from openaigw.admin import schema
@@ -158,6 +159,11 @@ class Catalog:
                 except AdminError as e:
                     where = f"{SINGULAR[e.kind]} [{e.id}]: " if isinstance(e, ObjectError) else ""
                     store.refuse(revision, where + e.message)
+                    return
+                except Exception:  # not the objects' fault: a bug, shown once, not every check
+                    failure = Failure()
+                    if store.refuse(revision, f"they could not be applied ({failure.getErrorMessage()})"):
+                        log.failure("Admin API: applying revision {revision} failed", failure, revision=revision)
                     return
                 self._objects, self.config = objects, config
                 commit()

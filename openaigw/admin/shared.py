@@ -144,13 +144,15 @@ class RedisStore:
             self.refuse(current, str(e))
             return None
 
-    def refuse(self, revision: Any, why: str) -> None:
+    def refuse(self, revision: Any, why: str) -> bool:
         """Keep serving the last good objects: revision ``revision`` does not fit (logged
-        once for each revision refused)."""
-        if self._refused != revision:
-            log.error("Admin API: revision {revision} of the shared objects is refused, still"
-                      " serving the previous ones: {why}", revision=revision, why=why)
+        once for each revision refused; true that first time)."""
+        if self._refused == revision:
+            return False
+        log.error("Admin API: revision {revision} of the shared objects is refused, still"
+                  " serving the previous ones: {why}", revision=revision, why=why)
         self._refused = revision
+        return True
 
     async def accept(self, objects: Objects, revision: int) -> None:
         """Revision ``revision`` is served now: keep it as the last good copy."""
