@@ -189,6 +189,8 @@ class UsageMeter:
         if self._strip:
             for null in _NULL_USAGE:
                 event = event.replace(null, b"")
+                if event.find(b'"usage"') < 0:
+                    break  # (every pattern names it: nothing left to strip)
         return event
 
     def finish(self, complete: bool) -> bytes:
