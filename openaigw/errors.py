@@ -6,6 +6,8 @@ import json
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Mapping, Optional
 
+from twisted.web.http import NO_BODY_CODES
+
 if TYPE_CHECKING:
     from openaigw.server import GatewayRequest
 
@@ -52,13 +54,16 @@ def write_error(
     request.setResponseCode(error.status, phrase(error.status))
     headers = request.responseHeaders
     headers.removeHeader(b"server")
-    headers.setRawHeaders(b"content-type", [b"application/json"])
-    headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    if error.status in NO_BODY_CODES:  # (a limit's rejected_code): no body, none announced
+        body = b""
+    else:
+        headers.setRawHeaders(b"content-type", [b"application/json"])
+        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
     for name, value in error.headers.items():
         headers.setRawHeaders(name.encode("ascii"), [value.encode("latin-1")])
     for raw_name, raw_value in (extra or {}).items():
         headers.setRawHeaders(raw_name, [raw_value])
-    if request.method != b"HEAD":
+    if request.method != b"HEAD" and body:
         request.write(body)
     request.finish()
 

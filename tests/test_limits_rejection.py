@@ -64,3 +64,24 @@ def test_rejection_config_errors(line, expected):
     with pytest.raises(ConfigError) as caught:
         parse(CONFIG.replace("limit-count.count = 3", f"limit-count.count = 3\n{line}"), "gw.ini", {})
     assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize("code", [204, 304])
+def test_rejected_with_a_code_that_has_no_body(code):
+    """A 204 or 304 has no body (RFC 9110 15.3.5, 15.4.5): the rejection sends none and
+    announces none (a Content-Length there would desynchronise a proxy in front); the
+    connection stays usable."""
+    config = CONFIG.replace("limit-count.count = 3", f"limit-count.count = 1\nlimit-count.rejected_code = {code}")
+    gw = Gateway(config)
+    channel, client = gw.client(with_key(KEY_B))
+    gw.upstream(0).send(answer(completion()))
+    client.clear()
+    channel.dataReceived(with_key(KEY_B))
+    raw = client.value()
+    assert status(raw) == code
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert body == b"" and b"content-length" not in head.lower() and b"content-type" not in head.lower()
+    assert headers_of(raw)[b"retry-after"] == b"60"
+    client.clear()
+    channel.dataReceived(with_key(KEY_B))  # the next request on the connection: parsed as one
+    assert status(client.value()) == code and not client.disconnecting
