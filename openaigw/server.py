@@ -345,10 +345,14 @@ class GatewayRequest(Request):
                 return
             super().write(data)
             return
+        channel = self.channel
+        if channel is None:  # the client is gone: Twisted's drops the write
+            super().write(data)
+            return
         record = self.context.record
         record.ttfb = self._site.clock.seconds() - record.started
         # Twisted writes the head, then the body's first bytes: one send for both.
-        transport = self.channel.transport
+        transport = channel.transport
         held = writethrough.hold(transport)
         try:
             super().write(data)

@@ -290,3 +290,17 @@ def test_addresses_asked_once_per_connection():
         gw.upstream().send(response())
     assert asked == []
     assert gw.records[-1].client == "192.0.2.7"
+
+
+def test_write_after_the_client_left_is_dropped():
+    """As Twisted's Request.write: once the client is gone, a write (even the first,
+    which would send the head) is dropped, not an AttributeError on the lost channel."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    gw = Gateway()
+    channel, client = gw.client(post(CHAT, BODY))
+    (request,) = channel.requests
+    channel.connectionLost(Failure(ConnectionLost()))
+    request.write(b"data: late\n\n")
+    assert client.value() == b""
