@@ -45,8 +45,11 @@ def _model(exchange: Exchange) -> Optional[str]:
 def _ask_for_usage(exchange: Exchange) -> None:
     """Make a chat/completions (or completions) stream ask the upstream for its usage
     chunk, for exact token counts; a client that did not ask never sees it."""
-    if not exchange.path.partition(b"?")[0].endswith(_USAGE_APIS) or exchange.body.find(b'"stream"') < 0:
+    if not exchange.path.partition(b"?")[0].endswith(_USAGE_APIS):
         return
+    body_text = exchange.body
+    if body_text.find(b'"stream"') < 0 and body_text.find(b"\\u") < 0:
+        return  # no member "stream" (nor one spelled with escapes, "str\\u0065am")
     body = exchange.json()
     if not isinstance(body, dict):
         return

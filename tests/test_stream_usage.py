@@ -220,3 +220,15 @@ def test_cached_stream_keeps_usage_from_the_client():
         else:
             assert (record.usage.total_tokens, record.usage.estimated) == (10, False)
     assert gw.requests_sent() == 1
+
+
+def test_usage_asked_when_the_stream_key_is_escaped():
+    """``"str\\u0065am": true`` is the member "stream" to any JSON parser: the stream is
+    asked for its usage (exact tokens, not an estimate a client could choose)."""
+    gw = Gateway()
+    body = b'{"model":"m","str\\u0065am":true,"messages":[{"role":"user","content":"hi there"}]}'
+    gw.client(post(CHAT, body))
+    assert json.loads(sent_body(gw))["stream_options"] == {"include_usage": True}
+    answer_with_usage(gw.upstream(0))
+    usage = gw.records[-1].usage
+    assert (usage.total_tokens, usage.estimated) == (10, False)
