@@ -286,6 +286,10 @@ class GatewayRequest(Request):
         invalid = invalid_request_line(channel._command, channel._path, channel._version)
         if invalid is not None:
             self.refuse(errors.bad_request(invalid))
+        elif len(self.requestHeaders.getRawHeaders(b"host", ())) > 1:
+            # RFC 9112 3.2: routes (hosts), the upstream's Host and a proxy in front
+            # could each read another one.
+            self.refuse(errors.bad_request("The request has more than one Host header"))
         elif length is not None and length > site.max_body_size:
             self.refuse(errors.body_too_large(site.max_body_size))
 

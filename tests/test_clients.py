@@ -304,3 +304,13 @@ def test_write_after_the_client_left_is_dropped():
     channel.connectionLost(Failure(ConnectionLost()))
     request.write(b"data: late\n\n")
     assert client.value() == b""
+
+
+def test_more_than_one_host_header_refused():
+    """Two Host headers are a 400 (RFC 9112 3.2): routes with hosts, the upstream's
+    Host and a proxy in front could each read another one."""
+    gw = Gateway()
+    channel, client = gw.client(b"GET /v1/models HTTP/1.1\r\nHost: internal.example\r\nHost: gw\r\n\r\n")
+    assert client.value().startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert "Host" in error_of(client.value())["message"]
+    assert gw.connects() == []
