@@ -655,3 +655,21 @@ def test_sub_path_patch_upstreams_and_consumers(admin):
     assert admin.call("PATCH", "/apisix/admin/consumers/team-a/username", "other")[0] == 400
     for method in ("GET", "PUT", "DELETE"):
         assert admin.call(method, "/apisix/admin/upstreams/u/nodes", {})[0] == 404
+
+
+def test_sub_path_in_the_change_log_is_quoted(admin):
+    """A sub-path's names come from the URL (a label's name may hold a newline): the
+    log line quotes it, so it cannot forge a line of its own."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    admin.call("PUT", "/apisix/admin/routes", GUIDE)
+    lines = []
+    observe = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observe)
+    try:
+        code, _ = admin.call("PATCH", "/apisix/admin/routes/openai-chat/labels/a%0AAdmin%20API:%20forged", "v")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert code == 200
+    (line,) = [line for line in lines if "Admin API" in line]
+    assert "\n" not in line and '"/labels/a\\nAdmin API: forged"' in line

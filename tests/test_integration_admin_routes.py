@@ -96,4 +96,4 @@ def test_sub_path_patch(gateway, pki, fake_node):
     assert served_by(gateway, pki, fake_node, "/sp/x", "sp.example.com") == "sp"
     assert gateway.admin("PATCH", "routes/sp/uri/x", "y") == (400, {"error_msg": "invalid sub-path: /uri is not an object"})
     assert gateway.admin("PATCH", "routes/nope/uri", "/x") == (404, {"message": "Key not found"})
-    assert "patched /plugins/limit-count of route sp" in gateway.log()
+    assert 'patched "/plugins/limit-count" of route sp' in gateway.log()

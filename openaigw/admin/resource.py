@@ -236,8 +236,8 @@ class AdminResource(Resource):
             raise e.about(kind, id) from None
         await catalog.change(kind, id, value)
         action = "created" if created else "patched" if method == "PATCH" else "replaced"
-        if sub_path is not None:
-            action += " /" + "/".join(sub_path) + " of"
+        if sub_path is not None:  # (quoted: its names, a label's say, may hold any character)
+            action += " " + json.dumps("/" + "/".join(sub_path)) + " of"
         log.info("Admin API: {client} {action} {kind} {id}", client=client, action=action,
                  kind=SINGULAR[kind], id=id)
         return (201 if created else 200), _item(kind, "api", value)
