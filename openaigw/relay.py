@@ -278,6 +278,9 @@ class RouteResource(Resource):
             headers.setRawHeaders(name, [value])
         request = exchange.request
         request.setResponseCode(code, head.phrase)
+        dated = request.responseHeaders.getRawHeaders(b"date")  # (GatewayRequest.process's)
+        if dated and not headers.hasHeader(b"date"):  # RFC 9110 6.6.1: what came undated, dated
+            headers.setRawHeaders(b"date", dated)
         ours = [exchange.context.record.request_id.encode("ascii")]  # (GatewayRequest.process's)
         # The upstream's own id passes through; ours goes beside it.
         theirs = headers.hasHeader(b"x-request-id")

@@ -151,6 +151,11 @@ def test_own_answers_are_dated_by_the_site_clock():
     gw.upstream().send(response(headers=b"Date: Mon, 13 Nov 2023 00:00:00 GMT\r\n"))
     head = head_of(client.value())
     assert head.count(b"Date: ") == 1 and b"Date: Mon, 13 Nov 2023 00:00:00 GMT" in head
+    client.clear()
+    channel.dataReceived(post(CHAT, BODY))
+    gw.upstream().send(response())  # undated: the gateway dates it (RFC 9110 6.6.1)
+    head = head_of(client.value())
+    assert head.count(b"Date: ") == 1 and b"Date: Tue, 14 Nov 2023 22:13:21 GMT" in head
 
 
 def test_exact_beats_prefix_and_longest_prefix_wins():
