@@ -314,3 +314,18 @@ def test_more_than_one_host_header_refused():
     assert client.value().startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert "Host" in error_of(client.value())["message"]
     assert gw.connects() == []
+
+
+def test_pipelined_head_gets_its_deadline_when_parsing_resumes():
+    """A head sent behind a request still being answered is timed from when the gateway
+    reads it (the answer may take longer than the deadline): cut at 408 all the same."""
+    gw = Gateway(SLOW)
+    channel, client = gw.client(post(CHAT, BODY) + b"GET /v1/models HTTP/1.1\r\nHo")
+    gw.reactor.advance(25)  # longer than the head's deadline: its own answer's time
+    gw.upstream().send(response())
+    assert client.value().startswith(b"HTTP/1.1 200")
+    client.clear()
+    gw.reactor.advance(9.5)
+    assert client.value() == b""
+    gw.reactor.advance(1)
+    assert client.value().startswith(b"HTTP/1.1 408")

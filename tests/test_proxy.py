@@ -555,3 +555,20 @@ def test_client_leaving_stops_the_upstream_even_if_the_meter_raises(monkeypatch)
     channel.connectionLost(Failure(ConnectionDone()))
     assert upstream.transport.producerState == "stopped"
     assert len(gw.records) == 1
+
+
+def test_reused_upstream_connection_times_each_head():
+    """One timer per upstream connection: a request on a reused connection still gets a
+    504 timeout_read after its own start (not the first request's, nor later)."""
+    gw = Gateway(BASE_CONFIG.replace("    10.0.0.2:8080 1\n", ""))
+    channel, client = gw.client(post(CHAT, BODY))
+    upstream = gw.upstream()
+    gw.reactor.advance(25)  # the first answer's head is slow, but in time
+    upstream.send(response())
+    client.clear()
+    channel.dataReceived(post(CHAT, BODY))
+    assert len(gw.connects()) == 1  # the same connection
+    gw.reactor.advance(29.5)
+    assert client.value() == b""
+    gw.reactor.advance(1)
+    assert client.value().startswith(b"HTTP/1.1 504")

@@ -232,3 +232,28 @@ def test_usage_asked_when_the_stream_key_is_escaped():
     answer_with_usage(gw.upstream(0))
     usage = gw.records[-1].usage
     assert (usage.total_tokens, usage.estimated) == (10, False)
+
+
+def test_metering_does_not_depend_on_where_reads_end():
+    """However a stream is cut into reads (events, CRLFs or a usage chunk split across
+    them, "usage" in comments), the client gets the same bytes and the same usage as
+    from one read."""
+    import random
+
+    from openaigw.usage import UsageMeter
+
+    usage = b'"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}'
+    pieces = [b"data: ", b'{"a":1}', b"\n", b"\r\n", b"\r", b"\n\n", b"\r\n\r\n", b'"usage"', b',"usage":null',
+              b": a comment naming \"usage\"\n", b'data: {"choices":[],' + usage + b"}\n\n",
+              b'data: {"choices":[],' + usage + b"}\r\n\r\n", b"data: [DONE]\n\n",
+              b'data: {"choices":[{"delta":{"content":"\\"usage\\":{"}}],"usage":null}\n\n']
+    rng = random.Random(15)
+    for _ in range(3000):
+        stream = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        cuts = sorted(rng.sample(range(len(stream) + 1), min(len(stream) + 1, rng.randint(1, 5))))
+        reads = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
+        for strip in (False, True):
+            whole, split = UsageMeter(b"text/event-stream", b"", strip), UsageMeter(b"text/event-stream", b"", strip)
+            expected = whole.feed(stream) + whole.finish(True)
+            assert b"".join(split.feed(read) for read in reads) + split.finish(True) == expected, (stream, reads)
+            assert split.usage(lambda: 5) == whole.usage(lambda: 5), (stream, reads)
