@@ -88,10 +88,10 @@ def _parse_usage(value: Any) -> Optional[Usage]:
         return None
     prompt = value.get("prompt_tokens", value.get("input_tokens"))
     completion = value.get("completion_tokens", value.get("output_tokens", 0))
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+    if type(prompt) is not int or type(completion) is not int:  # (true is no count either)
         return None
     total = value.get("total_tokens")
-    return Usage(prompt, completion, total if isinstance(total, int) else prompt + completion)
+    return Usage(prompt, completion, total if type(total) is int else prompt + completion)
 
 
 class UsageMeter:

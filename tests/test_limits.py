@@ -446,6 +446,23 @@ def test_usage_is_read_without_token_limits():
     assert gw.records[-1].usage.total_tokens == 30 and not gw.records[-1].usage.estimated
 
 
+def test_usage_that_is_not_a_count_is_estimated():
+    """A JSON answer whose token counts are not integers (true counts as 1 in Python)
+    is metered by estimate; a total that is not one is the sum of the others."""
+    from openaigw.usage import UsageMeter
+
+    def metered(usage):
+        meter = UsageMeter(b"application/json", b"", False)
+        meter.feed(json.dumps({"choices": [], "usage": usage}).encode())
+        meter.finish(True)
+        return meter.usage(lambda: 100)
+
+    assert metered({"prompt_tokens": True, "completion_tokens": 2}).estimated
+    assert metered({"prompt_tokens": 1, "completion_tokens": 2.0}).estimated
+    exact = metered({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": False})
+    assert (exact.total_tokens, exact.estimated) == (3, False)
+
+
 def test_responses_api_usage_and_no_injection():
     """Responses API streams carry usage in response.completed; their requests are not
     rewritten with stream_options."""

@@ -229,3 +229,25 @@ def test_duration_histogram_matches_prometheus_client():
     assert samples(metrics.registry) == samples(reference)
     assert metrics.registry.get_sample_value(
         "openaigw_requests_total", {"route": "r", "consumer": "", "status": "200"}) == 5
+
+
+def test_json_line_is_the_fields_as_json(monkeypatch):
+    """The access log's JSON line is exactly json.dumps of the record's fields, in
+    their order: every kind of value, escapes and non-ASCII text included."""
+    import openaigw.accesslog as accesslog
+
+    monkeypatch.setattr(accesslog.time, "time", lambda: 1764633600.0425)
+    records = [
+        AccessRecord(started=0.0),
+        AccessRecord(started=0.0, request_id="r1", client="192.0.2.7", method="POST", path="/v1/x",
+                     status=200, duration=0.0012345, ttfb=0.001, streamed=True, model="gpt-4o",
+                     usage=Usage(14, 9, 23), upstream="up", upstream_node="10.0.0.1:8080",
+                     upstream_status=200, upstream_request_id="req_1", bytes_in=10, bytes_out=20),
+        AccessRecord(started=0.0, consumer='te"am\\a', route="r\u00e9\u2028\x00\n", path="/v1/\U0001f600",
+                     status=499, duration=12.5, usage=Usage(0, 0, 0, estimated=True), retries=2,
+                     failed_attempts="up 10.0.0.1:8080 timeout; up - no_node", error="upstream_body_cut",
+                     limit="limit-count", cache="hit", tokens_saved=7),
+        AccessRecord(started=0.0, duration=3, ttfb=0, usage=Usage(10**20, 1, -1)),
+    ]
+    for record in records:
+        assert record.json_line() == json.dumps(record.fields(), separators=(",", ":"))
