@@ -1,14 +1,12 @@
 """In-memory state for the limit plugins: bounded, with expired entries dropped.
 
-The interfaces are awaitable (a shared store answers later); these answer at once,
-with Deferreds that have fired already.
+The interfaces let a store answer with a Deferred (a shared store answers later);
+these answer at once, with the value itself (no Deferred to make and await).
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, Tuple
-
-from twisted.internet.defer import Deferred, succeed
 
 from zope.interface import implementer
 
@@ -57,17 +55,17 @@ class MemoryWindowCounters(_Sweeping):
     def __len__(self) -> int:
         return len(self._counts)
 
-    def peek(self, key: str, window: float) -> "Deferred[Tuple[int, float]]":
+    def peek(self, key: str, window: float) -> Tuple[int, float]:
         now = self._now()
         end, count = self._current(key, window, now)
-        return succeed((count, end - now))
+        return count, end - now
 
-    def add(self, key: str, window: float, amount: int) -> "Deferred[Tuple[int, float]]":
+    def add(self, key: str, window: float, amount: int) -> Tuple[int, float]:
         now = self._now()
         end, count = self._current(key, window, now)
         count += amount
         self._counts[(key, window)] = (end, count)
-        return succeed((count, end - now))
+        return count, end - now
 
 
 @implementer(ILeakyBuckets)
@@ -87,14 +85,14 @@ class MemoryLeakyBuckets(_Sweeping):
         for key in empty:
             del self._buckets[key]
 
-    def take(self, key: str, rate: float, burst: float) -> "Deferred[Tuple[bool, float]]":
+    def take(self, key: str, rate: float, burst: float) -> Tuple[bool, float]:
         now = self._now()
         stored = self._buckets.get(key)
         level = 0.0 if stored is None else max(0.0, stored[0] - rate * (now - stored[1])) + 1
         if level > burst:
-            return succeed((False, (level - burst) / rate))
+            return False, (level - burst) / rate
         self._buckets[key] = (level, now, rate)
-        return succeed((True, level / rate))
+        return True, level / rate
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -107,20 +105,19 @@ class MemoryConcurrency:
     def __init__(self) -> None:
         self._in_flight: Dict[str, int] = {}
 
-    def acquire(self, key: str, limit: int) -> "Deferred[bool]":
+    def acquire(self, key: str, limit: int) -> bool:
         count = self._in_flight.get(key, 0)
         if count >= limit:
-            return succeed(False)
+            return False
         self._in_flight[key] = count + 1
-        return succeed(True)
+        return True
 
-    def release(self, key: str) -> "Deferred[None]":
+    def release(self, key: str) -> None:
         count = self._in_flight.get(key, 0) - 1
         if count > 0:
             self._in_flight[key] = count
         else:
             self._in_flight.pop(key, None)
-        return succeed(None)
 
     def __len__(self) -> int:
         return len(self._in_flight)

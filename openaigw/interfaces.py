@@ -55,9 +55,10 @@ class IWindowCounters(Interface):
     """Fixed-window counters (limit-count requests, ai-rate-limiting tokens).
 
     Windows are aligned to multiples of their length, so instances sharing a store
-    agree on them.  Implementations drop expired windows.  Every method returns a
-    Deferred (the memory store's has fired already); a store that cannot answer
-    fails it with :class:`openaigw.errors.StateUnavailable`.
+    agree on them.  Implementations drop expired windows.  Every method returns its
+    answer, or a Deferred of it: a shared store (Redis) answers later, and fails the
+    Deferred with :class:`openaigw.errors.StateUnavailable` when it cannot answer; the
+    memory store answers at once.  Callers handle both (``LimitFilter._then``).
     """
 
     def peek(key, window):  # type: ignore[no-untyped-def]
@@ -69,7 +70,7 @@ class IWindowCounters(Interface):
 
 
 class ILeakyBuckets(Interface):
-    """Leaky buckets for limit-req (nginx's limit_req semantics); awaitable, as
+    """Leaky buckets for limit-req (nginx's limit_req semantics); answering as
     IWindowCounters."""
 
     def take(key, rate, burst):  # type: ignore[no-untyped-def]
@@ -77,7 +78,7 @@ class ILeakyBuckets(Interface):
 
 
 class IConcurrency(Interface):
-    """Counts requests in flight per key (limit-conn); awaitable, as IWindowCounters.
+    """Counts requests in flight per key (limit-conn); answering as IWindowCounters.
 
     A shared store must not keep the slots of a gateway that died: it leases them.
     """

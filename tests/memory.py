@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from openaigw.accesslog import AccessRecord
@@ -111,7 +112,9 @@ class Gateway:
 
 
 def now(d: Any) -> Any:
-    """The result of a memory store's Deferred: it has fired already."""
+    """A memory store's answer (a value, or a Deferred that has fired already)."""
+    if not isinstance(d, Deferred):
+        return d
     results: List[Any] = []
     d.addBoth(results.append)
     assert results, "a memory store answers at once"

@@ -9,13 +9,13 @@ charged an estimate, flagged in the log.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Tuple
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from openaigw.config import PluginOptions
-from openaigw.errors import StateUnavailable
 from openaigw.exchange import Exchange
 from openaigw.interfaces import IPlugin, IRequestFilter
 from openaigw.plugins.limits import (
@@ -44,13 +44,14 @@ class TokenSettings:
 class TokenFilter(LimitFilter):
     plugin = "ai-rate-limiting"
 
-    async def filter_request(self, exchange: Exchange) -> None:
-        s = self._settings
+    def filter_request(self, exchange: Exchange) -> Any:
         key = self._key(exchange)
-        try:
-            used, reset = await self._store.peek(key, s.time_window)
-        except StateUnavailable:
-            return self._unavailable()  # allowed: unlimited, and nothing to charge
+        # A store that cannot answer: allowed (if it is), unlimited, and nothing to charge.
+        return self._then(self._store.peek(key, self._settings.time_window), self._check, exchange, key)
+
+    def _check(self, exchange: Exchange, key: str, counted: Tuple[int, float]) -> None:
+        s = self._settings
+        used, reset = counted
         report(exchange, TOKEN_HEADERS, s.limit, max(0, s.limit - used), reset)
         if used >= s.limit:
             raise self._rejected("tokens", f"{s.limit} {s.strategy} per {s.time_window}s", reset, "tokens")
@@ -68,7 +69,9 @@ class TokenFilter(LimitFilter):
         # Charged after the answer: gateways sharing a budget may overshoot it by what
         # the requests they had already admitted use.  A store that cannot answer
         # loses this charge (it says so in its own log).
-        self._store.add(key, self._settings.time_window, tokens).addErrback(lambda _: None)
+        charged = self._store.add(key, self._settings.time_window, tokens)
+        if isinstance(charged, Deferred):
+            charged.addErrback(lambda _: None)
         if usage.estimated:
             log.info(
                 "charged an estimate of {tokens} {strategy} ({scope}, consumer {consumer}):"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
@@ -141,6 +142,23 @@ class LimitFilter:
         """The store did not answer: raise the 503, or return to let the request pass."""
         self._guard.unavailable(self.plugin)
 
+    def _then(self, answer: Any, check: Callable[..., Any], *args: Any) -> Any:
+        """``check(*args, value)`` with a store's answer: at once when the store gave
+        the value (memory), else in an awaitable, once its Deferred fires (Redis).
+        Returns what ``check`` returns (None, or an awaitable delaying the request)."""
+        if isinstance(answer, Deferred):
+            return self._await(answer, check, args)
+        return check(*args, answer)
+
+    async def _await(self, answer: "Deferred[Any]", check: Callable[..., Any], args: Tuple[Any, ...]) -> None:
+        try:
+            value = await answer
+        except StateUnavailable:
+            return self._unavailable()
+        delay = check(*args, value)
+        if delay is not None:
+            await delay
+
 
 def report(exchange: Exchange, names: Tuple[bytes, bytes, bytes], limit: int, remaining: int,
            reset: float) -> None:
@@ -181,12 +199,13 @@ class CountSettings:
 class CountFilter(LimitFilter):
     plugin = "limit-count"
 
-    async def filter_request(self, exchange: Exchange) -> None:
+    def filter_request(self, exchange: Exchange) -> Any:
+        answer = self._store.add(self._key(exchange), self._settings.time_window, 1)
+        return self._then(answer, self._check, exchange)
+
+    def _check(self, exchange: Exchange, counted: Tuple[int, float]) -> None:
         limit, window = self._settings.count, self._settings.time_window
-        try:
-            used, reset = await self._store.add(self._key(exchange), window, 1)
-        except StateUnavailable:
-            return self._unavailable()
+        used, reset = counted
         report(exchange, REQUEST_HEADERS, limit, max(0, limit - used), reset)
         if used > limit:
             raise self._rejected("requests", f"{limit} per {window}s", reset)
@@ -225,16 +244,18 @@ class ReqFilter(LimitFilter):
         super().__init__(settings, runtime.buckets, scope, runtime)
         self._clock = runtime.clock
 
-    async def filter_request(self, exchange: Exchange) -> None:
+    def filter_request(self, exchange: Exchange) -> Any:
         s = self._settings
-        try:
-            admitted, seconds = await self._store.take(self._key(exchange), s.rate, s.burst)
-        except StateUnavailable:
-            return self._unavailable()
+        return self._then(self._store.take(self._key(exchange), s.rate, s.burst), self._check)
+
+    def _check(self, taken: Tuple[bool, float]) -> Any:
+        s = self._settings
+        admitted, seconds = taken
         if not admitted:
             raise self._rejected("requests", f"{s.rate:g}/s, burst {s.burst:g}", seconds)
         if seconds > 0 and not s.nodelay:
-            await deferLater(self._clock, seconds, lambda: None)  # cancelled if the client leaves
+            return deferLater(self._clock, seconds, lambda: None)  # cancelled if the client leaves
+        return None
 
 
 @implementer(IPlugin)
@@ -265,12 +286,11 @@ class ConnSettings:
 class ConnFilter(LimitFilter):
     plugin = "limit-conn"
 
-    async def filter_request(self, exchange: Exchange) -> None:
+    def filter_request(self, exchange: Exchange) -> Any:
         key = self._key(exchange)
-        try:
-            acquired = await self._store.acquire(key, self._settings.conn)
-        except StateUnavailable:
-            return self._unavailable()
+        return self._then(self._store.acquire(key, self._settings.conn), self._check, exchange, key)
+
+    def _check(self, exchange: Exchange, key: str, acquired: bool) -> None:
         if not acquired:
             raise self._rejected("concurrent requests", str(self._settings.conn), 1)
         exchange.on_complete(lambda _: self._store.release(key))
