@@ -24,13 +24,15 @@ import pstats
 import re
 import subprocess
 import sys
+import tempfile
 from typing import Any, Callable, Tuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 sys.path[:0] = [_HERE, _ROOT]
 
-CLIENT_KEY = "sk-bench-client-key-0001"
+from run import CLIENT_KEY, gateway_ini  # noqa: E402  (bench/run.py's gateway, in memory)
+
 BODY = (b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello!"}],'
         b'"max_tokens":16}')
 STREAM_BODY = BODY[:-1] + b',"stream":true}'
@@ -53,37 +55,6 @@ COUNTS = {"plain": (100, 600), "full": (100, 600), "stream": (20, 420), "stream-
 SCENARIOS = tuple(COUNTS)
 
 
-def config(full: bool) -> str:
-    gateway = "access_log = {log}\naccess_log_format = json\n"
-    route = ""
-    if full:
-        gateway += f"\n[consumer:bench]\nkey = {CLIENT_KEY}\n"
-        route = ("key-auth = on\nlimit-count.count = 1000000000\nlimit-count.time_window = 3600\n"
-                 "ai-rate-limiting.limit = 1000000000000\nai-rate-limiting.time_window = 3600\n")
-    return f"""[gateway]
-listen = tcp:port=0:interface=127.0.0.1
-max_body_size = 10M
-{gateway}
-[upstream:bench]
-scheme = http
-nodes =
-    10.0.0.1:8080 1
-timeout_connect = 6
-timeout_read = 60
-
-[route:openai-chat]
-uri = /v1/chat/completions
-methods = POST
-upstream = bench
-{route}proxy-rewrite.headers.set.Authorization = Bearer $ENV://OPENAI_API_KEY
-
-[route:openai-api]
-uri = /v1/*
-upstream = bench
-proxy-rewrite.headers.set.Authorization = Bearer $ENV://OPENAI_API_KEY
-"""
-
-
 def gateway(full: bool) -> Tuple[Callable[[bytes], None], Any, Any, Any]:
     """Build the in-memory gateway; return (send a client request, upstream, clock, client)."""
     from twisted.internet.address import IPv4Address
@@ -97,7 +68,8 @@ def gateway(full: bool) -> Tuple[Callable[[bytes], None], Any, Any, Any]:
     from openaigw.telemetry import Telemetry
 
     reactor = MemoryReactorClock()
-    parsed = parse(config(full).format(log=os.devnull), "gw.ini", {"OPENAI_API_KEY": "sk-real"})
+    ini = gateway_ini(0, 8080, "openaigw-full" if full else "openaigw", tempfile.gettempdir())
+    parsed = parse(ini, "gw.ini", {"OPENAI_API_KEY": "sk-real"})
     telemetry = Telemetry(AccessLog(os.devnull, "json", reactor), Metrics() if full else None)
     runtime = build_runtime(parsed.gateway, reactor, telemetry)
     site, _ = build_site(parsed, reactor, runtime, telemetry)
