@@ -1,26 +1,159 @@
-"""The client's request head, held to the same rules on every Twisted version.
+"""The client's request head, parsed in one pass and held to the same rules on every
+Twisted version.
 
-Twisted's own checks differ by version (22.4 forwards UTF-8 in the request target, bare
-CR and NUL in header values and names that are not tokens; later versions let bytes
-127-176 through in the target), and an upstream may read such bytes differently from
-the gateway: they are refused here.
+twisted.web parses a head line by line, and its checks differ by version (22.4 splits
+the request line at any whitespace, forwards UTF-8 in the request target, bare CR and
+NUL in header values and names that are not tokens; later versions let bytes 127-176
+through in the target; both unfold obs-fold lines and take ``Transfer-Encoding:
+identity``).  An upstream may read such bytes differently from the gateway (request
+smuggling): :func:`parse_head` refuses them all, on every version.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Dict, List, NamedTuple, Optional
 
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 
+from openaigw import errors
 from openaigw.http_syntax import TOKEN_BYTES
+
+MAX_HEAD_SIZE: int = HTTPChannel.totalHeadersSize  # 16384, and Twisted's line limit too
+"""The most bytes of a head: the request line and header lines with the CRLFs between
+them (not the CRLF CRLF that ends the head, nor IE's extra CRLF before it)."""
+MAX_HEADERS: int = HTTPChannel.maxHeaders  # 500
+HEAD_END = b"\r\n\r\n"
 
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII: no controls, DEL or raw non-ASCII
 _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
-# A whole header line as received: a token, ":", and a value without NUL, CR or LF
-# (RFC 9110 5.5: what a recipient must refuse; other bytes pass, as through nginx).
-_HEADER_LINE = re.compile(TOKEN_BYTES.pattern + rb":[^\x00\r\n]*")
+_REQUEST_LINE = re.compile(b"(%s) (%s) (HTTP/1\\.[01])" % (TOKEN_BYTES.pattern, _TARGET.pattern))
+# A header line: a token, ":", and a value without NUL, CR or LF (RFC 9110 5.5: what a
+# recipient must refuse; other bytes pass, as through nginx), up to the next CRLF.  Each
+# match starts at the CRLF before its line: there are as many as lines only if all are.
+_FIELD = re.compile(rb"\r\n(%s):([^\x00\r\n]*)(?=\r\n|\Z)" % TOKEN_BYTES.pattern)
+_FIELD_LINE = re.compile(rb"%s:[^\x00\r\n]*" % TOKEN_BYTES.pattern)
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+
+
+class RequestHead(NamedTuple):
+    """A sound request head."""
+
+    method: bytes
+    target: bytes
+    version: bytes
+    fields: Dict[bytes, List[bytes]]
+    """Header values by name, keyed as this Twisted's ``Headers._rawHeaders`` is."""
+    length: Optional[int]
+    """The body's length: 0 for none, None for a chunked body."""
+
+
+class InvalidHead(Exception):
+    """A head refused with ``error``; ``method`` and ``target`` when its request line was
+    sound (for the access record)."""
+
+    def __init__(self, error: errors.GatewayError, method: bytes = b"", target: bytes = b"") -> None:
+        super().__init__(error.message)
+        self.error, self.method, self.target = error, method, target
+
+
+def _stored_name(name: bytes) -> bytes:
+    """How this Twisted's Headers keys ``name`` (lower case in 22.4, canonical
+    Header-Case later): asked of Headers itself."""
+    probe = Headers()
+    probe.addRawHeader(name, b"")
+    return next(iter(probe._rawHeaders))
+
+
+_STORED: Dict[bytes, bytes] = {}  # header names as received -> as stored
+_MAX_STORED = 10_000  # (as Twisted's cache: names a client makes up cannot fill memory)
+
+
+def stored_name(name: bytes) -> bytes:
+    """``name`` (a token) as the key of ``Headers._rawHeaders``, remembered."""
+    key = _STORED.get(name)
+    if key is None:
+        key = _stored_name(name)
+        if len(_STORED) < _MAX_STORED:
+            _STORED[name] = key
+    return key
+
+
+_CONTENT_LENGTH = stored_name(b"content-length")
+_TRANSFER_ENCODING = stored_name(b"transfer-encoding")
+_HOST = stored_name(b"host")
+
+
+def head_too_large(data: bytes) -> errors.GatewayError:
+    """The refusal of a head over :data:`MAX_HEAD_SIZE` starting ``data`` (at least its
+    first ``MAX_HEAD_SIZE + 2`` bytes): 414 if its request line alone is over, else 431."""
+    if data.find(b"\r\n", 0, MAX_HEAD_SIZE + 2) == -1:
+        return errors.uri_too_long()
+    return errors.header_too_large()
+
+
+def parse_head(head: bytes) -> RequestHead:
+    """Parse a request's head: its bytes up to the CRLF CRLF that ends it.
+
+    Raises :class:`InvalidHead` unless the request line is exactly ``method SP target
+    SP version`` (a token, visible ASCII, HTTP/1.0 or 1.1) and each header line a token,
+    ":" and a value without NUL, CR or LF (no obs-fold, no whitespace before the colon);
+    at most :data:`MAX_HEADERS` header lines in at most :data:`MAX_HEAD_SIZE` bytes; one
+    Host at most; the body's length given by at most one of a single ``Content-Length``
+    (digits) or a single ``Transfer-Encoding: chunked``.  Values are stripped of
+    surrounding spaces and tabs, as Twisted does.
+    """
+    if len(head) > MAX_HEAD_SIZE:
+        raise InvalidHead(head_too_large(head))
+    line_end = head.find(b"\r\n")
+    if line_end == -1:
+        line_end = len(head)
+    line = _REQUEST_LINE.fullmatch(head, 0, line_end)
+    if line is None:
+        raise InvalidHead(errors.bad_request(_why_request_line(head[:line_end])))
+    method, target, version = line.groups()
+    count = head.count(b"\r\n", line_end)
+    if count > MAX_HEADERS:
+        raise InvalidHead(errors.bad_request(f"The request has more than {MAX_HEADERS} header lines"),
+                          method, target)
+    lines = _FIELD.findall(head, line_end)
+    if len(lines) != count:
+        raise InvalidHead(errors.bad_request(_why_header_lines(head[line_end + 2:])), method, target)
+    fields: Dict[bytes, List[bytes]] = {}
+    stored = _STORED.get
+    for name, value in lines:
+        key = stored(name) or stored_name(name)
+        values = fields.get(key)
+        if values is None:
+            fields[key] = [value.strip(b" \t")]
+        else:
+            values.append(value.strip(b" \t"))
+    length: Optional[int] = 0
+    codings = fields.get(_TRANSFER_ENCODING)
+    lengths = fields.get(_CONTENT_LENGTH)
+    hosts = fields.get(_HOST)
+    why = None
+    if codings is not None:
+        if lengths is not None:
+            why = "The request has both Content-Length and Transfer-Encoding"
+        elif len(codings) > 1 or codings[0].lower() != b"chunked":
+            why = "The only Transfer-Encoding served is a single chunked"
+        length = None
+    elif lengths is not None:
+        if len(lengths) > 1:
+            why = "The request has more than one Content-Length"
+        elif _DIGITS.fullmatch(lengths[0]) is None:
+            why = "The request's Content-Length is not a number"
+        else:
+            length = int(lengths[0])
+    if hosts is not None and len(hosts) > 1:
+        # RFC 9112 3.2: routes (hosts), the upstream's Host and a proxy in front could
+        # each read another one.
+        why = "The request has more than one Host header"
+    if why is not None:
+        raise InvalidHead(errors.bad_request(why), method, target)
+    return RequestHead(method, target, version, fields, length)
 
 
 def invalid_request_line(method: bytes, target: bytes, version: bytes) -> Optional[str]:
@@ -34,40 +167,24 @@ def invalid_request_line(method: bytes, target: bytes, version: bytes) -> Option
     return None
 
 
-def invalid_header_line(line: bytes) -> Optional[str]:
-    """Why a header line, as received, is refused, or None (for Twisted versions that
-    do not refuse such lines themselves)."""
-    if _HEADER_LINE.fullmatch(line) is not None:
-        return None
-    if TOKEN_BYTES.fullmatch(line.partition(b":")[0]) is None:
-        return "A header name is not a valid token"
+def _why_request_line(line: bytes) -> str:
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return "The request line is not a method, a target and an HTTP version, separated by single spaces"
+    return invalid_request_line(*parts) or "The request line could not be parsed"
+
+
+def _why_header_lines(lines: bytes) -> str:
+    """Why the first unsound header line of ``lines`` is refused."""
+    for line in lines.split(b"\r\n"):
+        if _FIELD_LINE.fullmatch(line) is not None:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            return "A header line may not start with whitespace (obs-fold)"
+        name, colon, _ = line.partition(b":")
+        if not colon:
+            return "A header line has no colon"
+        if TOKEN_BYTES.fullmatch(name) is None:
+            return "A header name is not a valid token"
+        break
     return "A header value holds NUL, CR or LF"
-
-
-class _ProbeRequest:
-    requestHeaders: Headers
-
-    def __init__(self) -> None:
-        self.requestHeaders = Headers()
-
-
-class _Probe(HTTPChannel):
-    refused = False
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        self.refused = True
-
-
-def _twisted_checks_header_lines() -> bool:
-    """Whether Twisted's own header parsing refuses NUL, CR and LF in values and names
-    that are not tokens (22.4 does not: its Headers turn CR and LF into spaces and keep
-    the rest).  Asked once, of the code rather than of its version number."""
-    for line in (b"X: a\rb", b"X: a\nb", b"X: a\x00b", b"X Y: a", b"X\x01Y: a", b"X\xc3\xa9: a"):
-        probe = _Probe()
-        probe.requests = [_ProbeRequest()]
-        if probe.headerReceived(line) or not probe.refused:
-            return False
-    return True
-
-
-TWISTED_CHECKS_HEADER_LINES = _twisted_checks_header_lines()

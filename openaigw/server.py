@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder, _IdentityTransferDecoder, datetimeToString
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -21,7 +21,7 @@ from openaigw.accesslog import AccessRecord
 from openaigw.config import GatewayConfig
 from openaigw.context import RequestContext
 from openaigw.descriptors import DEFAULT_MAX_CONNECTIONS
-from openaigw.head import TWISTED_CHECKS_HEADER_LINES, invalid_header_line, invalid_request_line
+from openaigw.head import HEAD_END, MAX_HEAD_SIZE, InvalidHead, RequestHead, head_too_large, parse_head
 from openaigw.telemetry import Telemetry
 
 log = Logger()
@@ -56,6 +56,10 @@ _RANDOM = _Randomness()
 class GatewayChannel(HTTPChannel):
     """An HTTP/1.1 channel with TCP_NODELAY (Twisted sets it only from 24.10), known
     to its site until it closes (for a graceful stop).
+
+    A request's head is read whole and parsed in one pass by :func:`parse_head`, with
+    the same rules on every Twisted version, in place of Twisted's line-by-line
+    parsing; its body goes through Twisted's own transfer decoders.
 
     The client's address is looked up once, here.  A request's head must be in
     within ``client_header_timeout`` seconds of its first byte, its body within
@@ -112,13 +116,85 @@ class GatewayChannel(HTTPChannel):
             self._secure = bool(super().isSecure())
         return self._secure
 
-    # The deadlines of a request's head and body
+    # Reading requests: each head whole, in one pass; its body to Twisted's decoders
+    _head = b""  # the bytes of the head being received
+    _skipped_crlf = False  # IE's extra CRLF before this head was skipped
+    _reading = False  # in dataReceived: bytes replayed meanwhile wait in _replayed
+    _replayed = b""
+
     def dataReceived(self, data: bytes) -> None:
+        """Take the client's bytes (Twisted's LineReceiver is not used): a head is
+        buffered until it is whole, then parsed at once; a body goes to Twisted's
+        transfer decoders, and bytes behind a request being handled to Twisted's
+        buffer (``rawDataReceived``) until ``requestDone`` replays them here."""
         if self._refused:
             return  # read and dropped until the connection closes
         if not self._handlingRequest and (not self._deadline or self._part == "idle"):
             self._expect("header", self.site.client_header_timeout)  # a request's first byte
-        super().dataReceived(data)
+        if self._reading:  # requestDone replaying from beneath this call, as LineReceiver
+            self._replayed += data  # queues them: taken in turn by the loop below
+            return
+        self._reading = True
+        try:
+            while not self._refused:
+                if not data:
+                    data, self._replayed = self._replayed, b""
+                    if not data:
+                        break
+                if self.line_mode:
+                    data = self._head_received(data)
+                else:
+                    self.rawDataReceived(data)
+                    data = b""
+        finally:
+            self._reading = False
+
+    def _head_received(self, data: bytes) -> bytes:
+        """Add ``data`` to the head being received; once it is whole (or over the
+        limit), start its request (or refuse it).  Returns the bytes after the head."""
+        if not self.persistent and not self._head:
+            return b""  # (Twisted's) nothing is read after the connection's last request
+        searched = len(self._head)
+        head = self._head + data if searched else data
+        if not self._skipped_crlf and head[:2] == b"\r\n":
+            head, searched = head[2:], max(0, searched - 2)  # IE's extra CRLF, once
+            self._skipped_crlf = True
+        end = head.find(HEAD_END, max(0, searched - 3))
+        if end == -1:
+            if len(head) >= MAX_HEAD_SIZE + len(HEAD_END):
+                self.refuse(head_too_large(head))  # (whatever comes, the head is over)
+            else:
+                self._head = head
+            return b""
+        self._head, self._skipped_crlf = b"", False
+        try:
+            parsed = parse_head(head[:end])
+        except InvalidHead as invalid:
+            self._command, self._path = invalid.method, invalid.target  # (for the record)
+            self.refuse(invalid.error)
+            return b""
+        self._request_received(parsed)
+        return head[end + len(HEAD_END):]
+
+    def _request_received(self, head: RequestHead) -> None:
+        """What Twisted does at the end of a head: a request with these headers, its
+        body's decoder, then ``allHeadersReceived`` (persistence, ``gotLength``, 100
+        Continue) and either ``allContentReceived`` or raw mode for the body."""
+        request = self.requestFactory(self)
+        self.requests.append(request)
+        request.requestHeaders._rawHeaders = head.fields
+        self._command, self._path, self._version = head.method, head.target, head.version
+        length = self.length = head.length
+        if length is None:
+            self._transferDecoder = _ChunkedTransferDecoder(request.handleContentChunk, self._finishRequestBody)
+        elif length:
+            self._transferDecoder = _IdentityTransferDecoder(
+                length, request.handleContentChunk, self._finishRequestBody)
+        self.allHeadersReceived()
+        if self.length == 0:
+            self.allContentReceived()
+        else:
+            self.setRawMode()
 
     def requestDone(self, request: Any) -> None:
         super().requestDone(request)
@@ -196,31 +272,13 @@ class GatewayChannel(HTTPChannel):
     def refuse_raw(self, error: errors.GatewayError) -> None:
         """Write ``error`` as the connection's last answer; parse nothing more."""
         self._refused = True
-        self._buffer = b""  # LineReceiver's: no further line of this read is parsed
+        self._head = b""
         self.transport.write(errors.raw_response(error))
         self._expect("discard", _DISCARD_SECONDS)
 
-    if not TWISTED_CHECKS_HEADER_LINES:  # (22.4: the check costs a call a line)
-
-        def headerReceived(self, line: bytes) -> bool:
-            invalid = invalid_header_line(line)
-            if invalid is not None:
-                self.refuse(errors.bad_request(invalid))
-                return False
-            return bool(super().headerReceived(line))
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        """A line over Twisted's limit (16 KiB): 414 for the request line, 431 for a
-        header (Twisted would close without a word)."""
-        self.refuse(errors.header_too_large() if self.requests else errors.uri_too_long())
-
     def _respondToBadRequestAndDisconnect(self) -> None:
-        """Twisted's bare 400 for what it cannot parse, OpenAI-shaped (431 when the head
-        is over Twisted's size limit)."""
-        if self._receivedHeaderSize > self.totalHeadersSize:
-            self.refuse(errors.header_too_large())
-        else:
-            self.refuse(errors.bad_request("The request could not be parsed", "invalid_request"))
+        """Twisted's bare 400 for a chunked body it cannot decode, OpenAI-shaped."""
+        self.refuse(errors.bad_request("The request body's chunked coding could not be parsed"))
 
 
 class _Refusal(Protocol):
@@ -255,11 +313,10 @@ def request_id(headers: Any) -> bytes:
 
 
 class GatewayRequest(Request):
-    """A request that checks its head, enforces the body size limit and holds the
-    request's context.
+    """A request that enforces the body size limit and holds the request's context
+    (its head was checked by the channel).
 
-    A head Twisted let through that has bytes an upstream may read differently gets
-    a 400, a body over the limit its 413, at once, before the body is read; what still
+    A body over the limit gets its 413 at once, before the body is read; what still
     comes is read and dropped briefly so that closing does not reset the connection
     under the answer.  ``context`` (made once the head is in) is the
     request's state; the request lets go of it when it ends: answered, refused,
@@ -282,15 +339,7 @@ class GatewayRequest(Request):
         self.context = RequestContext(record, site.telemetry, site.clock)
         self._open = self.receiving = True
         super().gotLength(length)
-        # The request line is known to the channel only, as yet (private, but stable).
-        invalid = invalid_request_line(channel._command, channel._path, channel._version)
-        if invalid is not None:
-            self.refuse(errors.bad_request(invalid))
-        elif len(self.requestHeaders.getRawHeaders(b"host", ())) > 1:
-            # RFC 9112 3.2: routes (hosts), the upstream's Host and a proxy in front
-            # could each read another one.
-            self.refuse(errors.bad_request("The request has more than one Host header"))
-        elif length is not None and length > site.max_body_size:
+        if length is not None and length > site.max_body_size:
             self.refuse(errors.body_too_large(site.max_body_size))
 
     def parseCookies(self) -> None:
@@ -489,7 +538,7 @@ class GatewaySite(Site):
         after ``timeout`` seconds abort what is left.  Fires when all are closed."""
         for channel in list(self.channels):
             channel.persistent = False  # close once the current answer is sent
-            if not channel.requests:
+            if not channel.requests and not channel._head:
                 channel.transport.loseConnection()
         if not self.channels:
             return succeed(None)
