@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from twisted.web.http_headers import Headers
@@ -14,10 +14,15 @@ CREDENTIAL_HEADERS = (b"authorization", b"api-key", b"x-api-key")
 
 @dataclass(frozen=True)
 class Consumer:
-    """A key holder and the filters of its own limits."""
+    """A key holder and the filters of its own limits; ``username`` is the name as
+    the upstream's ``X-Consumer-Username`` (UTF-8, on one line)."""
 
     name: str
     filters: Tuple[Any, ...] = ()
+    username: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "username", b" ".join(self.name.encode("utf-8").splitlines()))
 
 
 def presented_key(headers: Headers) -> Optional[bytes]:

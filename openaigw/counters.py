@@ -45,26 +45,22 @@ class MemoryWindowCounters(_Sweeping):
         for entry in [k for k, (end, _) in self._counts.items() if end <= now]:
             del self._counts[entry]
 
-    def _current(self, key: str, window: float, now: float) -> Tuple[float, int]:
-        end = (now // window + 1) * window
-        stored = self._counts.get((key, window))
-        if stored is None or stored[0] != end:
-            return end, 0
-        return stored
-
     def __len__(self) -> int:
         return len(self._counts)
 
     def peek(self, key: str, window: float) -> Tuple[int, float]:
         now = self._now()
-        end, count = self._current(key, window, now)
-        return count, end - now
+        end = (now // window + 1) * window
+        stored = self._counts.get((key, window))
+        return (stored[1] if stored is not None and stored[0] == end else 0), end - now
 
     def add(self, key: str, window: float, amount: int) -> Tuple[int, float]:
         now = self._now()
-        end, count = self._current(key, window, now)
-        count += amount
-        self._counts[(key, window)] = (end, count)
+        end = (now // window + 1) * window
+        entry = (key, window)
+        stored = self._counts.get(entry)
+        count = stored[1] + amount if stored is not None and stored[0] == end else amount
+        self._counts[entry] = (end, count)
         return count, end - now
 
 

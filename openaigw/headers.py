@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import FrozenSet
+from typing import Dict, FrozenSet
 
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
@@ -68,3 +68,20 @@ def response_headers(upstream: Headers) -> Headers:
     for name in [name for name, _ in upstream.getAllRawHeaders() if name.lower() in dropped]:
         upstream.removeHeader(name)
     return upstream
+
+
+_STORED: Dict[bytes, bytes] = {}  # a name the gateway sets -> the key Headers stores it under
+
+
+def set_own(headers: Headers, name: bytes, value: bytes) -> None:
+    """``headers.setRawHeaders(name, [value])`` for a header the gateway makes itself
+    (a name from our own code, a value with no line breaks): the name is looked up
+    once in the form this Twisted stores it (lower case before 23, Header-Case since),
+    not encoded and sanitised again for every request."""
+    stored = _STORED.get(name)
+    if stored is None:
+        probe = Headers()
+        probe.setRawHeaders(name, [b""])
+        (stored,) = probe._rawHeaders
+        _STORED[name] = stored
+    headers._rawHeaders[stored] = [value]

@@ -25,28 +25,26 @@ _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 class _Histogram:
-    """Observations per label value, kept as plain bucket counts."""
+    """Observations per label value, kept as plain bucket counts (and their sum, last)."""
 
     def __init__(self, name: str, documentation: str, bounds: Sequence[float]) -> None:
         self._name = name
         self._documentation = documentation
         self._bounds = bounds
         self._les = [floatToGoString(bound) for bound in bounds] + ["+Inf"]
-        self._counts: Dict[str, List[int]] = {}
-        self._sums: Dict[str, float] = {}
+        self._series: Dict[str, List[float]] = {}  # -> a count per bucket, then the sum
 
     def observe(self, label: str, value: float) -> None:
-        counts = self._counts.get(label)
-        if counts is None:
-            counts = self._counts[label] = [0] * len(self._les)
-            self._sums[label] = 0.0
-        counts[bisect_left(self._bounds, value)] += 1  # the first bucket with le >= value
-        self._sums[label] += value
+        series = self._series.get(label)
+        if series is None:
+            series = self._series[label] = [0] * len(self._les) + [0.0]
+        series[bisect_left(self._bounds, value)] += 1  # the first bucket with le >= value
+        series[-1] += value
 
     def family(self, label_name: str) -> Metric:
         family = HistogramMetricFamily(self._name, self._documentation, labels=[label_name])
-        for label, counts in self._counts.items():
-            family.add_metric([label], list(zip(self._les, accumulate(counts))), self._sums[label])
+        for label, series in self._series.items():
+            family.add_metric([label], list(zip(self._les, accumulate(series[:-1]))), series[-1])
         return family
 
 
@@ -56,7 +54,7 @@ class _RequestStats:
     metric objects take a lock and several calls per sample."""
 
     def __init__(self) -> None:
-        self.requests: Dict[Tuple[str, str, str], int] = {}
+        self.requests: Dict[Tuple[str, str, int], int] = {}  # by route, consumer, status
         self.tokens: Dict[Tuple[str, str, str, str], int] = {}
         self.answers: Dict[Tuple[str, str, str], int] = {}
         self.cache: Dict[Tuple[str, str], int] = {}
@@ -73,8 +71,8 @@ class _RequestStats:
         requests = CounterMetricFamily(
             "openaigw_requests", "Finished requests.", labels=["route", "consumer", "status"]
         )
-        for labels, value in self.requests.items():
-            requests.add_metric(labels, value)
+        for (route, consumer, status), value in self.requests.items():
+            requests.add_metric([route, consumer, str(status)], value)
         tokens = CounterMetricFamily(
             "openaigw_tokens", "Tokens used, from the upstream's usage (or estimates).",
             labels=["route", "consumer", "model", "kind"],
@@ -182,7 +180,7 @@ class Metrics:
         stats = self._stats
         route = record.route or ""
         consumer = record.consumer or ""
-        key = (route, consumer, str(record.status))
+        key = (route, consumer, record.status)
         stats.requests[key] = stats.requests.get(key, 0) + 1
         stats.duration.observe(route, record.duration)
         if record.upstream_status is not None and record.upstream_node is not None:

@@ -20,7 +20,7 @@ from openaigw import errors
 from openaigw.cache.flight import Flight, Head
 from openaigw.exchange import Exchange
 from openaigw.filters import run_filters
-from openaigw.headers import request_headers, response_headers
+from openaigw.headers import request_headers, response_headers, set_own
 from openaigw.interfaces import IRequestFilter
 from openaigw.server import GatewayRequest
 from openaigw.telemetry import Telemetry
@@ -274,8 +274,8 @@ class RouteResource(Resource):
         True if it is an event stream."""
         headers = head.headers
         code = head.code
-        for name, value in exchange.response_headers.items():
-            headers.setRawHeaders(name, [value])
+        for name, value in exchange.response_headers.items():  # (the gateway's own)
+            set_own(headers, name, value)
         request = exchange.request
         request.setResponseCode(code, head.phrase)
         dated = request.responseHeaders.getRawHeaders(b"date")  # (GatewayRequest.process's)

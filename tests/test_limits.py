@@ -192,6 +192,34 @@ def test_valid_key_replaced_by_consumer_name(header):
     assert not any(line.lower().startswith((b"api-key", b"x-api-key")) for line in lines)
 
 
+def test_own_headers_are_stored_as_twisted_stores_them():
+    """set_own leaves a Headers as setRawHeaders would (the name's stored case differs
+    between Twisted versions), replacing any value the name had in another case."""
+    from openaigw.headers import set_own
+
+    for name in (b"X-RateLimit-Limit", b"x-ai-ratelimit-reset-tokens", b"X-Consumer-Username",
+                 b"accept-encoding", b"WWW-Authenticate"):
+        ours, theirs = Headers({b"Accept-Encoding": [b"gzip"]}), Headers({b"Accept-Encoding": [b"gzip"]})
+        set_own(ours, name, b"7")
+        theirs.setRawHeaders(name, [b"7"])
+        assert list(ours.getAllRawHeaders()) == list(theirs.getAllRawHeaders())
+        assert ours.getRawHeaders(name.upper()) == [b"7"]
+
+
+def test_counter_names_per_consumer():
+    """A route's limit counts each consumer under its own name (remembered once per
+    consumer), and a consumer's own limit under its scope."""
+    config = CONFIG.replace("limit-count.count = 3", "limit-count.count = 30")
+    gw = Gateway(config)
+    for i, key in enumerate((KEY_B, KEY_A, KEY_B)):
+        _, client = gw.client(with_key(key))
+        gw.upstream(i).send(answer(completion()))
+        assert status(client.value()) == 200
+    counts = {key: count for (key, _), (_, count) in gw.runtime.counters._counts.items()}
+    assert counts == {"limit-count/route:chat|consumer=team-b": 2, "limit-count/route:chat|consumer=team-a": 1,
+                      "limit-count/consumer:team-a": 1}
+
+
 # --- request limits -----------------------------------------------------------------
 
 def test_limit_count_rejects_over_the_window_and_resets():

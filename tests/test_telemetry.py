@@ -251,3 +251,33 @@ def test_json_line_is_the_fields_as_json(monkeypatch):
     ]
     for record in records:
         assert record.json_line() == json.dumps(record.fields(), separators=(",", ":"))
+
+
+def test_request_metrics_match_prometheus_client():
+    """The dict-kept request counters expose what prometheus_client's Counters would,
+    for label sets first seen at any time (a new status, route or consumer late on)."""
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    reference = CollectorRegistry()
+    requests = Counter("openaigw_requests", "Finished requests.", ["route", "consumer", "status"],
+                       registry=reference)
+    tokens = Counter("openaigw_tokens", "Tokens used, from the upstream's usage (or estimates).",
+                     ["route", "consumer", "model", "kind"], registry=reference)
+    metrics = Metrics()
+    records = [("r", None, 200, 3), ("r", "a", 200, 0), ("r", None, 429, 0), ("s", "b", 200, 5),
+               ("r", None, 200, 2), ("r", "a", 503, 0), ("r", "a", 200, 1)]
+    for route, consumer, status, used in records:
+        requests.labels(route, consumer or "", str(status)).inc()
+        if used:
+            tokens.labels(route, consumer or "", "m", "prompt").inc(used)
+            tokens.labels(route, consumer or "", "m", "completion").inc(used)
+        metrics.request_finished(AccessRecord(
+            started=0, route=route, consumer=consumer, status=status, upstream_status=status,
+            model="m", usage=Usage(used, used, 2 * used) if used else None))
+
+    def text(registry, name):
+        return sorted(line for line in generate_latest(registry).decode().splitlines()
+                      if line.startswith(name) and "_created" not in line)
+
+    for name in ("openaigw_requests_total", "openaigw_tokens_total"):
+        assert text(metrics.registry, name) == text(reference, name)

@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from openaigw.config import PluginOptions
 from openaigw.exchange import Exchange
+from openaigw.headers import set_own
 from openaigw.interfaces import IPlugin, IRequestFilter
 from openaigw.plugins.limits import (
     TOKEN_HEADERS,
@@ -56,7 +57,7 @@ class TokenFilter(LimitFilter):
         if used >= s.limit:
             raise self._rejected("tokens", f"{s.limit} {s.strategy} per {s.time_window}s", reset, "tokens")
         # Usage is read from the bytes as they pass: ask for them uncompressed.
-        exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])
+        set_own(exchange.headers, b"accept-encoding", b"identity")
         exchange.on_complete(lambda done: self._charge(key, done))
 
     def _charge(self, key: str, exchange: Exchange) -> None:

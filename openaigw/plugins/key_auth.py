@@ -11,6 +11,7 @@ from openaigw.consumers import CREDENTIAL_HEADERS, KeyRing, presented_key
 from openaigw.errors import GatewayError
 from openaigw.exchange import Exchange
 from openaigw.filters import run_filters
+from openaigw.headers import set_own
 from openaigw.interfaces import IPlugin, IRequestFilter
 
 
@@ -41,7 +42,7 @@ class KeyAuthFilter:
         exchange.consumer = consumer.name
         for name in CREDENTIAL_HEADERS:
             exchange.headers.removeHeader(name)
-        exchange.headers.setRawHeaders(b"x-consumer-username", [consumer.name.encode("utf-8")])
+        set_own(exchange.headers, b"x-consumer-username", consumer.username)
         if consumer.filters:
             return run_filters(consumer.filters, exchange)
         return None

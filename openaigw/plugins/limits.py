@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -27,6 +27,7 @@ REQUEST_HEADERS = (b"X-RateLimit-Limit", b"X-RateLimit-Remaining", b"X-RateLimit
 TOKEN_HEADERS = (
     b"X-AI-RateLimit-Limit-Tokens", b"X-AI-RateLimit-Remaining-Tokens", b"X-AI-RateLimit-Reset-Tokens",
 )
+_CONSUMER_KEYS = 10_000  # counter names a filter remembers (consumers are configured: bounded)
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,14 @@ class LimitKey:
     kind: str
     header: bytes = b""
 
-    def of(self, plugin: str, scope: str, exchange: Exchange) -> str:
+    def of(self, plugin: str, scope: str, exchange: Optional[Exchange]) -> str:
         """The counter name for ``exchange``: ``plugin/scope|what=value``, where scope
-        is ``route:NAME`` or ``consumer:NAME`` (whose counters are per consumer)."""
+        is ``route:NAME`` or ``consumer:NAME`` (whose counters are per consumer; they
+        need no ``exchange``, nor does a route's)."""
         prefix = f"{plugin}/{scope}"
         if self.kind == "route" or scope.startswith("consumer:"):
             return prefix
+        assert exchange is not None
         if self.kind == "consumer" and exchange.consumer is not None:
             return f"{prefix}|consumer={exchange.consumer}"
         if self.kind == "header":
@@ -125,9 +128,25 @@ class LimitFilter:
         self._guard = runtime.guard
         # ai-rate-limiting's settings have none: it refuses with a 429.
         self._rejection: Rejection = getattr(settings, "rejection", Rejection())
+        key: LimitKey = settings.key
+        # One counter for the whole scope (per route, or a consumer's own limits): its name.
+        shared = key.kind == "route" or scope.startswith("consumer:")
+        self._shared = key.of(self.plugin, scope, None) if shared else None
+        self._per_consumer = key.kind == "consumer"
+        self._consumer_keys: Dict[str, str] = {}  # consumer -> its counter's name, made once
 
     def _key(self, exchange: Exchange) -> str:
-        return str(self._settings.key.of(self.plugin, self._scope, exchange))
+        if self._shared is not None:
+            return self._shared
+        consumer = exchange.consumer
+        if self._per_consumer and consumer is not None:
+            key = self._consumer_keys.get(consumer)
+            if key is None:
+                key = self._settings.key.of(self.plugin, self._scope, exchange)
+                if len(self._consumer_keys) < _CONSUMER_KEYS:
+                    self._consumer_keys[consumer] = key
+            return key
+        return self._settings.key.of(self.plugin, self._scope, exchange)
 
     def _rejected(self, what: str, detail: str, retry_after: float, kind: str = "requests") -> GatewayError:
         """The 429 (or ``rejected_code``) for this limit: "``what`` (``detail``, route NAME)"."""
