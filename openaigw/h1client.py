@@ -27,6 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
+from openaigw.headers import stored_name
 from openaigw.http_syntax import TOKEN_BYTES
 
 log = Logger()
@@ -38,6 +39,8 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _PLAIN_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})\r\n")  # no extension, no blanks
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|[,;])\s*timeout\s*=\s*\"?([0-9]{1,9})", re.IGNORECASE)
+
+_CONTENT_LENGTH = stored_name(b"content-length")
 
 # The end of every whole body (shared, as Twisted shares connectionDone: a Failure
 # made per answer costs a look through its exception's classes).
@@ -115,7 +118,7 @@ def parse_head(head: bytes, head_only: bool) -> Optional[ParsedHead]:
         raise InvalidResponse("unrequested protocol switch (101)")
     if code < 200:
         return None  # an interim answer: the real one follows
-    raw: Dict[bytes, List[bytes]] = {}
+    raw: Dict[bytes, List[bytes]] = {}  # as Headers._rawHeaders
     lengths: List[bytes] = []
     codings: List[bytes] = []
     close = version != b"HTTP/1.1"
@@ -126,8 +129,15 @@ def parse_head(head: bytes, head_only: bool) -> Optional[ParsedHead]:
         if not colon or not TOKEN_BYTES.fullmatch(name):
             raise InvalidResponse(f"bad header line {line[:100]!r}")
         value = value.strip(b" \t")
+        if b"\r" in value:  # (a bare CR: a space, as Headers.setRawHeaders would make it)
+            value = b" ".join(value.splitlines())
         lower = name.lower()
-        raw.setdefault(lower, []).append(value)  # one list whatever the case
+        key = stored_name(lower)  # one list whatever the case
+        values = raw.get(key)
+        if values is None:
+            raw[key] = [value]
+        else:
+            values.append(value)
         if lower == b"content-length":
             lengths.extend(v.strip() for v in value.split(b","))
         elif lower == b"transfer-encoding":
@@ -141,7 +151,7 @@ def parse_head(head: bytes, head_only: bool) -> Optional[ParsedHead]:
     if lengths:
         if len(set(lengths)) != 1 or not _DIGITS.fullmatch(lengths[0]):
             raise InvalidResponse(f"bad Content-Length {b','.join(lengths)[:100]!r}")
-        raw[b"content-length"] = [lengths[0]]
+        raw[_CONTENT_LENGTH] = [lengths[0]]
     if codings and codings != [b"chunked"]:
         raise InvalidResponse(f"unsupported Transfer-Encoding {b', '.join(codings)[:100]!r}")
     if head_only or code in (204, 304):
@@ -155,7 +165,9 @@ def parse_head(head: bytes, head_only: bool) -> Optional[ParsedHead]:
     # Both Content-Length and Transfer-Encoding: framing an intermediary may have
     # read otherwise (RFC 9112 6.3): no further use of the connection.
     persistent = not close and framing != UNTIL_CLOSE and not (lengths and codings)
-    return ParsedHead(version, code, phrase, Headers(raw), framing, persistent, keep_alive)
+    headers = Headers()
+    headers._rawHeaders = raw  # (the names and values as Headers would have stored them)
+    return ParsedHead(version, code, phrase, headers, framing, persistent, keep_alive)
 
 
 # Where a ChunkedDecoder is.

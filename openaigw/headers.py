@@ -1,4 +1,10 @@
-"""Which headers cross the gateway, in each direction."""
+"""Which headers cross the gateway, in each direction.
+
+The request path reads and writes ``Headers._rawHeaders`` directly, under the names
+:func:`stored_name` gives, with values known to be sound (parsed, or the gateway's
+own): Headers' methods would encode the name and sanitise the values again at every
+call, a dozen times a request.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,29 @@ from typing import Dict, FrozenSet
 
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
+
+
+def _stored_name(name: bytes) -> bytes:
+    """How this Twisted's Headers keys ``name``: asked of Headers itself."""
+    probe = Headers()
+    probe.setRawHeaders(name, [b""])
+    return next(iter(probe._rawHeaders))
+
+
+_STORED: Dict[bytes, bytes] = {}  # header names (any case) -> as Headers keys them
+_MAX_STORED = 10_000  # (as Twisted's own cache: names a peer makes up cannot fill memory)
+
+
+def stored_name(name: bytes) -> bytes:
+    """``name`` (a token) as the key of ``Headers._rawHeaders`` on this Twisted: lower
+    case in 22.4, canonical Header-Case later (the same for every case of a name)."""
+    key = _STORED.get(name)
+    if key is None:
+        key = _stored_name(name)
+        if len(_STORED) < _MAX_STORED:
+            _STORED[name] = key
+    return key
+
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what the upstream client and Site write themselves.
 HOP_BY_HOP: FrozenSet[bytes] = frozenset(
@@ -18,23 +47,32 @@ HOP_BY_HOP: FrozenSet[bytes] = frozenset(
 GATEWAY_OWNED: FrozenSet[bytes] = frozenset((b"x-consumer-username", b"x-forwarded-proto", b"x-forwarded-host"))
 _NOT_FORWARDED = HOP_BY_HOP | GATEWAY_OWNED | {b"host", b"content-length", b"expect"}
 _NOT_RETURNED = HOP_BY_HOP | {b"content-length"}
+_CONNECTION = stored_name(b"connection")
+_HOST = stored_name(b"host")
+_X_FORWARDED_FOR = stored_name(b"x-forwarded-for")
+_X_FORWARDED_PROTO = stored_name(b"x-forwarded-proto")
+_X_FORWARDED_HOST = stored_name(b"x-forwarded-host")
 
 
 def connection_tokens(headers: Headers) -> FrozenSet[bytes]:
-    """Header names listed in ``Connection`` (also hop-by-hop)."""
+    """Header names listed in ``Connection`` (also hop-by-hop), in lower case."""
     tokens = set()
-    for value in headers.getRawHeaders(b"connection", ()):
+    for value in headers._rawHeaders.get(_CONNECTION, ()):
         tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return frozenset(tokens)
 
 
+def _dropped(headers: Headers, excluded: FrozenSet[bytes]) -> FrozenSet[bytes]:
+    """``excluded`` and what ``headers``' Connection names (lower case)."""
+    if _CONNECTION not in headers._rawHeaders:
+        return excluded
+    return excluded | connection_tokens(headers)
+
+
 def _end_to_end(headers: Headers, excluded: FrozenSet[bytes], underscores: bool) -> Headers:
-    tokens = connection_tokens(headers)
-    dropped = excluded | tokens if tokens else excluded
+    dropped = _dropped(headers, excluded)
     out = Headers()
-    # Copied as stored (Headers' own dict, on every Twisted version): the values
-    # were sanitised on their way in, and each name keeps the case this Twisted
-    # stores it in; setRawHeaders would normalise both again, header by header.
+    # Copied as stored, each name in the case this Twisted keeps it in.
     kept = out._rawHeaders
     for name, values in headers._rawHeaders.items():
         if name.lower() not in dropped and (underscores or b"_" not in name):
@@ -47,41 +85,32 @@ def request_headers(request: IRequest, scheme: bytes, client: str, underscores: 
     ``client`` is the client's address ("" on a UNIX socket: not added).  Names with
     an underscore are dropped unless ``underscores`` (as nginx does by default: an
     upstream may read ``X_Consumer_Username`` as ``X-Consumer-Username``)."""
+    received = request.requestHeaders._rawHeaders
     out = _end_to_end(request.requestHeaders, _NOT_FORWARDED, underscores)
+    fields = out._rawHeaders
     if client:
-        forwarded = out.getRawHeaders(b"x-forwarded-for", [])
-        prior = b", ".join(forwarded)
         address = client.encode("ascii")
-        out.setRawHeaders(b"x-forwarded-for", [prior + b", " + address if prior else address])
-    out.setRawHeaders(b"x-forwarded-proto", [scheme])
-    host = request.requestHeaders.getRawHeaders(b"host")
+        prior = b", ".join(fields.get(_X_FORWARDED_FOR, ()))
+        fields[_X_FORWARDED_FOR] = [prior + b", " + address if prior else address]
+    fields[_X_FORWARDED_PROTO] = [scheme]
+    host = received.get(_HOST)
     if host:
-        out.setRawHeaders(b"x-forwarded-host", [host[0]])
+        fields[_X_FORWARDED_HOST] = [host[0]]
     return out
 
 
 def response_headers(upstream: Headers) -> Headers:
     """The upstream's end-to-end response headers: ``upstream`` itself, its hop-by-hop
     headers removed (the answer's headers are the gateway's to change: no copy)."""
-    tokens = connection_tokens(upstream)
-    dropped = _NOT_RETURNED | tokens if tokens else _NOT_RETURNED
-    for name in [name for name, _ in upstream.getAllRawHeaders() if name.lower() in dropped]:
-        upstream.removeHeader(name)
+    dropped = _dropped(upstream, _NOT_RETURNED)
+    fields = upstream._rawHeaders
+    for name in [name for name in fields if name.lower() in dropped]:
+        del fields[name]
     return upstream
-
-
-_STORED: Dict[bytes, bytes] = {}  # a name the gateway sets -> the key Headers stores it under
 
 
 def set_own(headers: Headers, name: bytes, value: bytes) -> None:
     """``headers.setRawHeaders(name, [value])`` for a header the gateway makes itself
-    (a name from our own code, a value with no line breaks): the name is looked up
-    once in the form this Twisted stores it (lower case before 23, Header-Case since),
-    not encoded and sanitised again for every request."""
-    stored = _STORED.get(name)
-    if stored is None:
-        probe = Headers()
-        probe.setRawHeaders(name, [b""])
-        (stored,) = probe._rawHeaders
-        _STORED[name] = stored
-    headers._rawHeaders[stored] = [value]
+    (a name from our own code, a value with no line breaks): stored as this Twisted
+    stores it (:func:`stored_name`), not encoded and sanitised again for every request."""
+    headers._rawHeaders[stored_name(name)] = [value]

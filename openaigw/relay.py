@@ -20,7 +20,7 @@ from openaigw import errors
 from openaigw.cache.flight import Flight, Head
 from openaigw.exchange import Exchange
 from openaigw.filters import run_filters
-from openaigw.headers import request_headers, response_headers, set_own
+from openaigw.headers import request_headers, response_headers, set_own, stored_name
 from openaigw.interfaces import IRequestFilter
 from openaigw.server import GatewayRequest
 from openaigw.telemetry import Telemetry
@@ -34,6 +34,13 @@ log = Logger()
 _NODE_FAULTS = {"upstream_body_cut": "body_cut", "upstream_read_timeout": "body_timeout"}
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,100})"')
 _USAGE_APIS = (b"/chat/completions", b"/completions")  # whose streams give usage when asked
+_CONNECTION = stored_name(b"connection")
+_CONTENT_LENGTH = stored_name(b"content-length")
+_CONTENT_TYPE = stored_name(b"content-type")
+_DATE = stored_name(b"date")
+_X_ACCEL_BUFFERING = stored_name(b"x-accel-buffering")
+_X_GATEWAY_REQUEST_ID = stored_name(b"x-gateway-request-id")
+_X_REQUEST_ID = stored_name(b"x-request-id")
 
 
 def _model(exchange: Exchange) -> Optional[str]:
@@ -221,7 +228,7 @@ class RouteResource(Resource):
         record.route = self.name
         record.upstream = self._upstreams.primary.config.name
         record.model = _model(exchange)
-        exchange.headers.setRawHeaders(b"x-request-id", [record.request_id.encode("ascii")])
+        exchange.headers._rawHeaders[_X_REQUEST_ID] = [record.request_id.encode("ascii")]
         handling = Deferred.fromCoroutine(self._handle(exchange))
         # A client that leaves cancels whatever is being awaited: a limit's delay,
         # connecting, waiting for headers or relaying the body.
@@ -276,28 +283,28 @@ class RouteResource(Resource):
         code = head.code
         for name, value in exchange.response_headers.items():  # (the gateway's own)
             set_own(headers, name, value)
+        fields = headers._rawHeaders  # (see openaigw.headers)
         request = exchange.request
         request.setResponseCode(code, head.phrase)
-        dated = request.responseHeaders.getRawHeaders(b"date")  # (GatewayRequest.process's)
-        if dated and not headers.hasHeader(b"date"):  # RFC 9110 6.6.1: what came undated, dated
-            headers.setRawHeaders(b"date", dated)
+        dated = request.responseHeaders._rawHeaders.get(_DATE)  # (GatewayRequest.process's)
+        if dated and _DATE not in fields:  # RFC 9110 6.6.1: what came undated, dated
+            fields[_DATE] = dated
         ours = [exchange.context.record.request_id.encode("ascii")]  # (GatewayRequest.process's)
         # The upstream's own id passes through; ours goes beside it.
-        theirs = headers.hasHeader(b"x-request-id")
-        headers.setRawHeaders(b"x-gateway-request-id" if theirs else b"x-request-id", ours)
+        fields[_X_GATEWAY_REQUEST_ID if _X_REQUEST_ID in fields else _X_REQUEST_ID] = ours
         channel = request.channel
         if channel is not None and not channel.persistent:  # closing after this answer
-            headers.setRawHeaders(b"connection", [b"close"])
+            fields[_CONNECTION] = [b"close"]
         request.responseHeaders = headers
-        content_type = headers.getRawHeaders(b"content-type", [b""])[0]
-        streamed = content_type.lower().startswith(b"text/event-stream")
+        content_type = fields.get(_CONTENT_TYPE)
+        streamed = bool(content_type) and content_type[0].lower().startswith(b"text/event-stream")
         if streamed:
-            headers.setRawHeaders(b"x-accel-buffering", [b"no"])
+            fields[_X_ACCEL_BUFFERING] = [b"no"]
         exchange.context.record.streamed = streamed
         if exchange.method == b"HEAD" or code in (204, 304) or code < 200:
             pass  # no body: HEAD and 304 keep the upstream's Content-Length, if any
         elif isinstance(length, int) and not exchange.strip_usage:
-            headers.setRawHeaders(b"content-length", [b"%d" % length])
+            fields[_CONTENT_LENGTH] = [b"%d" % length]
         else:
             request.write(b"")  # a stream: the client gets the headers now, not with the first event
         return streamed
@@ -305,11 +312,11 @@ class RouteResource(Resource):
     def _upstream_head(self, exchange: Exchange, response: IResponse) -> Head:
         """The upstream's answer head, noted in the access record."""
         bodiless = exchange.method == b"HEAD" or response.code == 304  # but the entity's length is told
-        declared = response.headers.getRawHeaders(b"content-length") if bodiless else None
+        declared = response.headers._rawHeaders.get(_CONTENT_LENGTH) if bodiless else None
         headers = response_headers(response.headers)
         if declared:  # (the upstream's, not the length 0 of this body)
-            headers.setRawHeaders(b"content-length", declared)
-        theirs = headers.getRawHeaders(b"x-request-id")
+            headers._rawHeaders[_CONTENT_LENGTH] = declared
+        theirs = headers._rawHeaders.get(_X_REQUEST_ID)
         record = exchange.context.record
         record.upstream_status = response.code
         record.upstream_request_id = theirs[0].decode("latin-1")[:128] if theirs else None

@@ -22,9 +22,12 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from openaigw.headers import stored_name
 from openaigw.usage import UsageMeter
 
 log = Logger()
+_CONTENT_ENCODING = stored_name(b"content-encoding")
+_CONTENT_TYPE = stored_name(b"content-type")
 LAG_LIMIT = 1 << 20  # bytes a subscriber may fall behind before it is cut (at least)
 
 
@@ -38,10 +41,9 @@ class Head:
 
     def meter(self, strip_usage: bool) -> UsageMeter:
         """A UsageMeter for this answer's body."""
+        fields = self.headers._rawHeaders  # (see openaigw.headers)
         return UsageMeter(
-            self.headers.getRawHeaders(b"content-type", [b""])[0],
-            self.headers.getRawHeaders(b"content-encoding", [b""])[0],
-            strip_usage,
+            (fields.get(_CONTENT_TYPE) or (b"",))[0], (fields.get(_CONTENT_ENCODING) or (b"",))[0], strip_usage,
         )
 
     def copy(self) -> "Head":
