@@ -15,9 +15,9 @@ import re
 from typing import Dict, List, NamedTuple, Optional
 
 from twisted.web.http import HTTPChannel
-from twisted.web.http_headers import Headers
 
 from openaigw import errors
+from openaigw.headers import remembered_name, stored_name
 from openaigw.http_syntax import TOKEN_BYTES
 
 MAX_HEAD_SIZE: int = HTTPChannel.totalHeadersSize  # 16384, and Twisted's line limit too
@@ -53,28 +53,6 @@ class InvalidHead(Exception):
     def __init__(self, error: errors.GatewayError, method: bytes = b"", target: bytes = b"") -> None:
         super().__init__(error.message)
         self.error, self.method, self.target = error, method, target
-
-
-def _stored_name(name: bytes) -> bytes:
-    """How this Twisted's Headers keys ``name`` (lower case in 22.4, canonical
-    Header-Case later): asked of Headers itself."""
-    probe = Headers()
-    probe.addRawHeader(name, b"")
-    return next(iter(probe._rawHeaders))
-
-
-_STORED: Dict[bytes, bytes] = {}  # header names as received -> as stored
-_MAX_STORED = 10_000  # (as Twisted's cache: names a client makes up cannot fill memory)
-
-
-def stored_name(name: bytes) -> bytes:
-    """``name`` (a token) as the key of ``Headers._rawHeaders``, remembered."""
-    key = _STORED.get(name)
-    if key is None:
-        key = _stored_name(name)
-        if len(_STORED) < _MAX_STORED:
-            _STORED[name] = key
-    return key
 
 
 _CONTENT_LENGTH = stored_name(b"content-length")
@@ -117,10 +95,9 @@ def parse_head(head: bytes) -> RequestHead:
     if len(head) - len(head.translate(None, b"\x00\r\n")) != 2 * count:
         raise InvalidHead(errors.bad_request(_why_header_lines(lines[1:])), method, target)
     fields: Dict[bytes, List[bytes]] = {}
-    stored = _STORED.get
     for field in lines[1:]:
         name, colon, value = field.partition(b":")
-        key = stored(name)  # (a name remembered is a token)
+        key = remembered_name(name)  # (a name remembered is a token)
         if key is None or not colon:
             if not colon or TOKEN_BYTES.fullmatch(name) is None:
                 raise InvalidHead(errors.bad_request(_why_header_lines(lines[1:])), method, target)

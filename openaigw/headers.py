@@ -13,6 +13,8 @@ from typing import Dict, FrozenSet
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 
+from openaigw.http_syntax import TOKEN_BYTES
+
 
 def _stored_name(name: bytes) -> bytes:
     """How this Twisted's Headers keys ``name``: asked of Headers itself."""
@@ -26,14 +28,21 @@ _MAX_STORED = 10_000  # (as Twisted's own cache: names a peer makes up cannot fi
 
 
 def stored_name(name: bytes) -> bytes:
-    """``name`` (a token) as the key of ``Headers._rawHeaders`` on this Twisted: lower
-    case in 22.4, canonical Header-Case later (the same for every case of a name)."""
+    """``name`` as the key of ``Headers._rawHeaders`` on this Twisted: lower case in
+    22.4, canonical Header-Case later (the same for every case of a name).  Raises
+    ValueError if ``name`` is not a token: a name remembered is one."""
     key = _STORED.get(name)
     if key is None:
+        if TOKEN_BYTES.fullmatch(name) is None:
+            raise ValueError(f"not a header name: {name[:100]!r}")
         key = _stored_name(name)
         if len(_STORED) < _MAX_STORED:
             _STORED[name] = key
     return key
+
+
+remembered_name = _STORED.get
+"""``stored_name(name)`` if ``name`` was asked before (so is a token), else None."""
 
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what the upstream client and Site write themselves.

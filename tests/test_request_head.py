@@ -248,3 +248,15 @@ def test_head_without_end_refused_once_it_cannot_fit():
     channel.dataReceived(b"b")
     assert statuses(client.value()) == [b"431"]
     assert gw.records[-1].status == 431
+
+
+@pytest.mark.parametrize("name", [b"X Bad", b"X\x00", b"Host ", b"", b"X\xc3\xa9"])
+def test_stored_name_refuses_what_is_not_a_token(name: bytes) -> None:
+    """The name cache parse_head trusts holds tokens only, whoever asks it."""
+    from openaigw.headers import remembered_name, stored_name
+
+    with pytest.raises(ValueError):
+        stored_name(name)
+    assert remembered_name(name) is None
+    with pytest.raises(InvalidHead):
+        parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n" + name + b": v")
