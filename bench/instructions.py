@@ -1,6 +1,6 @@
 """Deterministic cost of the gateway's own code: CPU instructions per request or chunk.
 
-    python bench/instructions.py [plain|full|stream|stream-usage|all]   # needs valgrind
+    python bench/instructions.py [plain|full|stream|stream-usage|stream-open|all]   # needs valgrind
     python bench/instructions.py --profile plain           # cProfile's top entries
 
 The gateway of bench/run.py (its routes, proxy-rewrite, the JSON access log; "full"
@@ -10,7 +10,9 @@ one kept-alive client connection and one kept-alive upstream connection.  Each
 scenario runs under callgrind twice, with a small and a large count; the difference
 divided by the difference of the counts is the instructions of one request (or, for
 "stream", one SSE chunk relayed; "stream-usage": one chunk carrying the ``"usage":null``
-that OpenAI adds once asked for usage, stripped for the client).  No sockets and no reactor: what it counts is
+that OpenAI adds once asked for usage, stripped for the client; "stream-open": the cost
+of opening one stream, i.e. a new client connection, its stream request, a new upstream
+connection, the answer's head, one chunk and the end, both connections then closed).  No sockets and no reactor: what it counts is
 Python work, the same on a busy machine as on a quiet one, so two commits compare
 exactly.  Syscalls and the reactor's own cost are what bench/run.py measures.
 """
@@ -51,14 +53,14 @@ USAGE = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","create
 # "usage":null in every chunk, which the gateway strips for a client that did not ask.
 EVENT_ASKED = EVENT[:-3] + b',"usage":null}\n\n'
 # (small, large): the counts whose difference is measured.
-COUNTS = {"plain": (100, 600), "full": (100, 600), "stream": (20, 420), "stream-usage": (20, 420)}
+COUNTS = {"plain": (100, 600), "full": (100, 600), "stream": (20, 420), "stream-usage": (20, 420),
+          "stream-open": (50, 350)}
 SCENARIOS = tuple(COUNTS)
 
 
-def gateway(full: bool) -> Tuple[Callable[[bytes], None], Any, Any, Any]:
-    """Build the in-memory gateway; return (send a client request, upstream, clock, client)."""
-    from twisted.internet.address import IPv4Address
-    from twisted.internet.testing import MemoryReactorClock, StringTransport
+def site(full: bool) -> Tuple[Any, Any]:
+    """Build the in-memory gateway: (its site, its MemoryReactorClock)."""
+    from twisted.internet.testing import MemoryReactorClock
 
     from openaigw.accesslog import AccessLog
     from openaigw.config import parse
@@ -72,9 +74,17 @@ def gateway(full: bool) -> Tuple[Callable[[bytes], None], Any, Any, Any]:
     parsed = parse(ini, "gw.ini", {"OPENAI_API_KEY": "sk-real"})
     telemetry = Telemetry(AccessLog(os.devnull, "json", reactor), Metrics() if full else None)
     runtime = build_runtime(parsed.gateway, reactor, telemetry)
-    site, _ = build_site(parsed, reactor, runtime, telemetry)
+    return build_site(parsed, reactor, runtime, telemetry)[0], reactor
+
+
+def gateway(full: bool) -> Tuple[Callable[[bytes], None], Any, Any, Any]:
+    """Build the in-memory gateway; return (send a client request, upstream, clock, client)."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    gateway_site, reactor = site(full)
     peer = IPv4Address("TCP", "127.0.0.1", 50000)
-    channel = site.buildProtocol(peer)
+    channel = gateway_site.buildProtocol(peer)
     client = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 9080), peerAddress=peer)
     channel.makeConnection(client)
     upstream: list = []
@@ -93,6 +103,39 @@ def gateway(full: bool) -> Tuple[Callable[[bytes], None], Any, Any, Any]:
     return send, upstream, reactor, client
 
 
+def open_streams(count: int) -> None:
+    """``count`` streams, each on a new client connection and a new upstream one."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    gateway_site, reactor = site(False)
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    body = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(EVENT_ASKED), EVENT_ASKED, len(USAGE), USAGE)
+    data = request(STREAM_BODY, False)
+    for i in range(count):
+        peer = IPv4Address("TCP", "127.0.0.1", 40000 + i % 20000)
+        channel = gateway_site.buildProtocol(peer)
+        client = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 9080), peerAddress=peer)
+        channel.makeConnection(client)
+        channel.dataReceived(data)
+        host, port, factory, _, _ = reactor.tcpClients.pop()
+        upstream = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(upstream)
+        protocol.dataReceived(head)
+        protocol.dataReceived(body)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        check(client.value(), b"data: [DONE]")
+        if b'"usage"' in client.value():
+            raise SystemExit("the usage the gateway asked for reached the client")
+        channel.connectionLost(Failure(ConnectionDone()))
+        if i % 100 == 99:
+            reactor.advance(0.1)  # the access log's batched flush
+
+
 def request(body: bytes, full: bool) -> bytes:
     auth = CLIENT_KEY if full else "sk-ignored"
     return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:9080\r\n"
@@ -103,6 +146,9 @@ def request(body: bytes, full: bool) -> bytes:
 
 def run(scenario: str, count: int) -> None:
     """Relay ``count`` requests (or, for "stream", one stream of ``count`` chunks)."""
+    if scenario == "stream-open":
+        open_streams(count)
+        return
     full = scenario == "full"
     send, upstream, clock, client = gateway(full)
     if scenario.startswith("stream"):
@@ -163,11 +209,11 @@ def main() -> None:
             run(scenario, 1)  # imports and first-time costs: not in the profile
             profile = cProfile.Profile()
             profile.runcall(run, scenario, large)
-            print(f"== {scenario}: {large} {'chunks' if scenario.startswith('stream') else 'requests'}")
+            print(f"== {scenario}: {large} {'chunks' if scenario in ('stream', 'stream-usage') else 'streams' if scenario == 'stream-open' else 'requests'}")
             pstats.Stats(profile).sort_stats("tottime").print_stats(25)
             continue
         cost = (instructions(scenario, large) - instructions(scenario, small)) / (large - small)
-        unit = "chunk" if scenario.startswith("stream") else "request"
+        unit = "chunk" if scenario in ("stream", "stream-usage") else "stream" if scenario == "stream-open" else "request"
         print(f"{scenario:7s} {cost / 1000:8.1f} k instructions per {unit}", flush=True)
 
 
