@@ -531,7 +531,11 @@ class UpstreamConnection(Protocol):
                 self._drop(Failure(e))
                 return
             if data:
-                response._data(data)
+                consumer = response._consumer  # (the usual case: no call through _data)
+                if consumer is not None:
+                    consumer.dataReceived(data)
+                else:
+                    response._data(data)
             if chunks.done and self._state == _BODY:
                 if chunks.extra:  # bytes after the answer: the connection is not sane
                     self._reusable = False

@@ -103,10 +103,12 @@ class NodeEndpoint:
         self._reactor = reactor
         self._tls = tls
         self._timeout = timeout
+        # (No timeout of the connector's own for an address: connect's one timer times
+        # the TCP connection and the handshake, and cancels the connector.)
         if isIPAddress(node.host):
-            self._tcp: Any = TCP4ClientEndpoint(reactor, node.host, node.port, timeout)
+            self._tcp: Any = TCP4ClientEndpoint(reactor, node.host, node.port, None)
         elif isIPv6Address(node.host):
-            self._tcp = TCP6ClientEndpoint(reactor, node.host, node.port, timeout)
+            self._tcp = TCP6ClientEndpoint(reactor, node.host, node.port, None)
         else:
             self._tcp = HostnameEndpoint(reactor, node.host, node.port, timeout)
 
