@@ -48,13 +48,89 @@ class ConnectTimeout(Exception):
     """The TCP connection and TLS handshake took longer than ``timeout_connect``."""
 
 
+class _Attempt:
+    """One connection attempt of a :class:`NodeEndpoint`: ``ready`` fires with the
+    protocol once the connection is usable (TCP up and, for TLS, the handshake done),
+    or fails; one timer watches the whole attempt.  (No Deferred.addTimeout and no
+    closures: an attempt per new upstream connection, many in a burst of streams.)
+    Once it has fired the attempt holds nothing: no cycle through ``ready``'s
+    canceller, which Twisted before 24 keeps."""
+
+    def __init__(self, reactor: Any, timeout: float, tls: bool) -> None:
+        self.ready: "Optional[Deferred[Any]]" = Deferred(self._cancel)
+        self._tls = tls
+        self._timeout = timeout
+        self._protocol: Any = None  # once TCP is up
+        self._connecting: "Optional[Deferred[Any]]" = None
+        self._timer: Any = reactor.callLater(timeout, self._expire)
+
+    def start(self, connecting: "Deferred[Any]") -> None:
+        self._connecting = connecting
+        connecting.addCallbacks(self._tcp_up, self._tcp_failed)
+
+    def succeeded(self, protocol: Any) -> None:
+        self._fire(protocol, True)
+
+    def failed(self, reason: Any) -> None:
+        self._fire(reason, False)
+
+    def _fire(self, result: Any, ok: bool) -> None:
+        ready, self.ready = self.ready, None
+        self._stop_timer()
+        self._protocol = self._connecting = None
+        if ready is not None and not ready.called:
+            if ok:
+                ready.callback(result)
+            else:
+                ready.errback(result)
+
+    def _tcp_up(self, protocol: Any) -> None:
+        self._connecting = None
+        try:
+            protocol.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
+        if self._tls:
+            self._protocol = protocol  # (aborted if the handshake is late)
+        else:
+            self.succeeded(protocol)
+
+    def _tcp_failed(self, failure: Failure) -> None:
+        # (Cancelled by _stop_connecting: the attempt has ended already.)
+        if not failure.check(neterror.ConnectingCancelledError):
+            self.failed(failure)
+
+    def _cancel(self, ready: "Deferred[Any]") -> None:
+        """``ready`` is cancelled (the client left): stop; ``ready`` fails by itself."""
+        self.ready = None
+        self._stop_timer()
+        self._stop_connecting()
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._stop_connecting()
+        self.failed(ConnectTimeout(f"no connection within {self._timeout:g}s"))
+
+    def _stop_connecting(self) -> None:
+        protocol, connecting, self._protocol, self._connecting = self._protocol, self._connecting, None, None
+        if protocol is not None:
+            protocol.transport.abortConnection()
+        elif connecting is not None:
+            connecting.cancel()
+
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+
 @implementer(IProtocol, IHandshakeListener)
 class _HandshakeWatcher:
     """Sits between TLS and the HTTP protocol to learn when the handshake is done."""
 
-    def __init__(self, inner: Any, ready: "Deferred[Any]") -> None:
+    def __init__(self, inner: Any, attempt: _Attempt) -> None:
         self._inner = inner
-        self._ready = ready
+        self._attempt = attempt
         self.transport: Any = None
 
     def makeConnection(self, transport: Any) -> None:
@@ -68,24 +144,23 @@ class _HandshakeWatcher:
         self._inner.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
-        if not self._ready.called:
-            self._ready.errback(reason)
+        self._attempt.failed(reason)  # (nothing if the attempt had succeeded)
         self._inner.connectionLost(reason)
 
     def handshakeCompleted(self) -> None:
         # A failed hostname check aborts the connection before this runs: its
         # connectionLost then brings the reason.
-        if not self.transport.disconnecting and not self._ready.called:
-            self._ready.callback(self._inner)
+        if not self.transport.disconnecting:
+            self._attempt.succeeded(self._inner)
 
 
 class _WatcherFactory(Factory):
-    def __init__(self, inner: IProtocolFactory, ready: "Deferred[Any]") -> None:
+    def __init__(self, inner: IProtocolFactory, attempt: _Attempt) -> None:
         self._inner = inner
-        self._ready = ready
+        self._attempt = attempt
 
     def buildProtocol(self, addr: Any) -> Any:
-        return _HandshakeWatcher(self._inner.buildProtocol(addr), self._ready)
+        return _HandshakeWatcher(self._inner.buildProtocol(addr), self._attempt)
 
     def doStart(self) -> None:
         self._inner.doStart()
@@ -103,8 +178,8 @@ class NodeEndpoint:
         self._reactor = reactor
         self._tls = tls
         self._timeout = timeout
-        # (No timeout of the connector's own for an address: connect's one timer times
-        # the TCP connection and the handshake, and cancels the connector.)
+        # (No timeout of the connector's own for an address: the attempt's one timer
+        # times the TCP connection and the handshake, and cancels the connector.)
         if isIPAddress(node.host):
             self._tcp: Any = TCP4ClientEndpoint(reactor, node.host, node.port, None)
         elif isIPv6Address(node.host):
@@ -114,41 +189,12 @@ class NodeEndpoint:
 
     def connect(self, factory: IProtocolFactory) -> "Deferred[Any]":
         factory.noisy = False  # type: ignore[attr-defined]  # no log line per connection
-        ready: "Deferred[Any]"
-        connecting: "Deferred[Any]"
-        connected: Dict[str, Any] = {}
-
-        def abort(_: object = None) -> None:
-            if "protocol" in connected:
-                connected["protocol"].transport.abortConnection()
-            else:
-                connecting.cancel()
-
-        def timed_out(result: object, timeout: float) -> None:
-            raise ConnectTimeout(f"no connection within {timeout:g}s")
-
-        ready = Deferred(abort)
-        ready.addTimeout(self._timeout, self._reactor, timed_out)
-
-        def tcp_up(protocol: Any) -> None:
-            connected["protocol"] = protocol
-            try:
-                protocol.transport.setTcpNoDelay(True)
-            except (AttributeError, OSError):
-                pass
-            if self._tls is None and not ready.called:
-                ready.callback(protocol)
-
-        def tcp_failed(failure: Failure) -> None:
-            # (Cancelled by abort: ready's own cancellation reports it.)
-            if not ready.called and not failure.check(neterror.ConnectingCancelledError):
-                ready.errback(failure)
-
+        attempt = _Attempt(self._reactor, self._timeout, self._tls is not None)
+        ready = attempt.ready
         if self._tls is not None:
-            factory = TLSMemoryBIOFactory(self._tls, True, _WatcherFactory(factory, ready))
-        connecting = self._tcp.connect(factory)
-        connecting.addCallbacks(tcp_up, tcp_failed)
-        return ready
+            factory = TLSMemoryBIOFactory(self._tls, True, _WatcherFactory(factory, attempt))
+        attempt.start(self._tcp.connect(factory))
+        return ready  # type: ignore[return-value]
 
 
 def node_endpoints(reactor: Any, config: UpstreamConfig) -> Dict[Node, NodeEndpoint]:

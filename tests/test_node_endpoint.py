@@ -1,0 +1,105 @@
+"""NodeEndpoint: one connection attempt, one timer, nothing left behind."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+from twisted import version as twisted_version
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from openaigw.config import Node
+from openaigw.upstream import ConnectTimeout, NodeEndpoint
+
+NODE = Node("10.0.0.1", 8080, 1)
+
+
+def results(d):
+    out: list = []
+    d.addBoth(out.append)
+    return out
+
+
+def tcp_up(reactor):
+    """Complete the last TCP connection asked for; return (protocol, transport)."""
+    host, port, factory, _, _ = reactor.tcpClients[-1]
+    transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_plain_connection_fires_once_up_and_leaves_no_timer():
+    reactor = MemoryReactorClock()
+    out = results(NodeEndpoint(reactor, NODE, None, 5).connect(Factory.forProtocol(Protocol)))
+    assert reactor.tcpClients[-1][3] is None  # no connector timer: the attempt's one
+    assert len(reactor.getDelayedCalls()) == 1 and out == []
+    _, transport = tcp_up(reactor)
+    assert isinstance(out[0], Protocol) and out[0].transport is transport
+    assert reactor.getDelayedCalls() == []
+
+
+def test_no_connection_in_time_is_a_connect_timeout_and_stops_connecting():
+    reactor = MemoryReactorClock()
+    out = results(NodeEndpoint(reactor, NODE, None, 5).connect(Factory.forProtocol(Protocol)))
+    reactor.advance(4.9)
+    assert out == []
+    reactor.advance(0.2)
+    assert out[0].check(ConnectTimeout) and "5s" in str(out[0].value)
+    assert reactor.connectors[-1].stoppedConnecting
+
+
+def test_cancelled_while_connecting_stops_connecting_and_its_timer():
+    reactor = MemoryReactorClock()
+    ready = NodeEndpoint(reactor, NODE, None, 5).connect(Factory.forProtocol(Protocol))
+    out = results(ready)
+    ready.cancel()
+    assert out[0].check(CancelledError)
+    assert reactor.connectors[-1].stoppedConnecting and reactor.getDelayedCalls() == []
+
+
+def test_late_tls_handshake_is_a_connect_timeout_and_aborts_the_connection():
+    reactor = MemoryReactorClock()
+    out = results(NodeEndpoint(reactor, NODE, CertificateOptions(), 5).connect(Factory.forProtocol(Protocol)))
+    _, transport = tcp_up(reactor)
+    assert transport.value()  # the ClientHello went out; no answer comes
+    assert out == []  # TCP is up, the handshake is not done
+    reactor.advance(5.1)
+    assert out[0].check(ConnectTimeout)
+    assert transport.disconnecting
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=("tcp", "tls"))
+def test_attempts_leave_no_reference_cycles(tls):
+    """An attempt per new upstream connection (many in a burst of streams) is freed
+    by reference counting, whichever way it ends."""
+    if tls and twisted_version.major < 24:
+        pytest.skip("Twisted < 24: a fired TCP endpoint Deferred keeps its canceller (its "
+                    "wrapping factory, and the TLS factories it wraps, in a cycle of Twisted's)")
+    reactor = MemoryReactorClock()
+    endpoint = NodeEndpoint(reactor, NODE, CertificateOptions() if tls else None, 5)
+
+    def attempts() -> None:
+        if not tls:
+            results(endpoint.connect(Factory.forProtocol(Protocol)))
+            tcp_up(reactor)
+        results(endpoint.connect(Factory.forProtocol(Protocol)))
+        reactor.advance(6)  # timed out
+        endpoint.connect(Factory.forProtocol(Protocol)).addErrback(lambda f: None).cancel()
+        del reactor.tcpClients[:], reactor.connectors[:]
+
+    attempts()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        attempts()
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if type(o).__module__.startswith("openaigw")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []
