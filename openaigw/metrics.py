@@ -30,7 +30,7 @@ class _Histogram:
     def __init__(self, name: str, documentation: str, bounds: Sequence[float]) -> None:
         self._name = name
         self._documentation = documentation
-        self._bounds = bounds
+        self._bounds = tuple(map(float, bounds))  # (bisect compares floats with floats faster)
         self._les = [floatToGoString(bound) for bound in bounds] + ["+Inf"]
         self._series: Dict[str, List[float]] = {}  # -> a count per bucket, then the sum
 
@@ -180,12 +180,14 @@ class Metrics:
         stats = self._stats
         route = record.route or ""
         consumer = record.consumer or ""
+        requests = stats.requests
         key = (route, consumer, record.status)
-        stats.requests[key] = stats.requests.get(key, 0) + 1
+        requests[key] = requests.get(key, 0) + 1
         stats.duration.observe(route, record.duration)
         if record.upstream_status is not None and record.upstream_node is not None:
+            answers = stats.answers
             answered = (route, record.upstream or "", record.upstream_node)
-            stats.answers[answered] = stats.answers.get(answered, 0) + 1
+            answers[answered] = answers.get(answered, 0) + 1
         if record.ttfb is not None:
             stats.ttfb.observe(route, record.ttfb)
         if record.limit is not None:
@@ -198,10 +200,13 @@ class Metrics:
         usage = record.usage
         if usage is not None:
             model = self._model(record)
-            for kind, count in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)):
-                if count:
-                    tokens = (route, consumer, model, kind)
-                    stats.tokens[tokens] = stats.tokens.get(tokens, 0) + count
+            tokens = stats.tokens
+            if usage.prompt_tokens:
+                key = (route, consumer, model, "prompt")
+                tokens[key] = tokens.get(key, 0) + usage.prompt_tokens
+            if usage.completion_tokens:
+                key = (route, consumer, model, "completion")
+                tokens[key] = tokens.get(key, 0) + usage.completion_tokens
 
     def upstream_failed(self, upstream: str, node: str, reason: str) -> None:
         self._child(self.upstream_failures, upstream, node, reason).inc()
