@@ -75,7 +75,7 @@ def parse_head(head: bytes) -> RequestHead:
     SP version`` (a token, visible ASCII, HTTP/1.0 or 1.1) and each header line a token,
     ":" and a value without NUL, CR or LF (no obs-fold, no whitespace before the colon);
     at most :data:`MAX_HEADERS` header lines in at most :data:`MAX_HEAD_SIZE` bytes; one
-    Host at most; the body's length given by at most one of a single ``Content-Length``
+    Host at most (and one in HTTP/1.1); the body's length given by at most one of a single ``Content-Length``
     (digits) or a single ``Transfer-Encoding: chunked``.  Values are stripped of
     surrounding spaces and tabs, as Twisted does.
     """
@@ -128,6 +128,8 @@ def parse_head(head: bytes) -> RequestHead:
         # RFC 9112 3.2: routes (hosts), the upstream's Host and a proxy in front could
         # each read another one.
         why = "The request has more than one Host header"
+    elif why is None and hosts is None and version == b"HTTP/1.1":  # RFC 9112 3.2: 400 (as nginx)
+        why = "An HTTP/1.1 request must have a Host header"
     if why is not None:
         raise InvalidHead(errors.bad_request(why), method, target)
     return RequestHead(method, target, version, fields, length)

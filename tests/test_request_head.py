@@ -158,6 +158,8 @@ def test_expect_100_continue_answered_before_the_body():
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked", "single chunked"),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: xchunked", "single chunked"),
     (b"GET / HTTP/1.1\r\nHost: a\r\nhost: b", "more than one Host"),
+    (b"GET / HTTP/1.1", "must have a Host header"),
+    (b"GET / HTTP/1.1\r\nX-Host: a", "must have a Host header"),
     (b"GET / HTTP/1.1" + b"\r\nX: 1" * (MAX_HEADERS + 1), "more than 500 header lines"),
 ])
 def test_strictness(head, why):
@@ -179,12 +181,13 @@ def test_refused_head_keeps_its_request_line_in_the_record():
 
 
 @pytest.mark.parametrize("head, length", [
-    (b"POST / HTTP/1.1\r\nContent-Length:  5 \t", 5),
-    (b"POST / HTTP/1.1\r\nContent-Length: 007", 7),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding:  Chunked ", None),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length:  5 \t", 5),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 007", 7),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:  Chunked ", None),
     (b"POST / HTTP/1.0\r\ncontent-length: 0", 0),
-    (b"GET / HTTP/1.1", 0),
-    (b"GET / HTTP/1.1" + b"\r\nX: 1" * MAX_HEADERS, 0),
+    (b"GET / HTTP/1.0", 0),  # (HTTP/1.0 needs no Host)
+    (b"GET / HTTP/1.1\r\nhost: a", 0),
+    (b"GET / HTTP/1.1\r\nHost: a" + b"\r\nX: 1" * (MAX_HEADERS - 1), 0),
 ])
 def test_sound_heads_and_their_body_length(head, length):
     """What the rules let through, and the body's length each head gives."""
