@@ -22,11 +22,19 @@ from openaigw.config import GatewayConfig
 from openaigw.context import RequestContext
 from openaigw.descriptors import DEFAULT_MAX_CONNECTIONS
 from openaigw.head import HEAD_END, MAX_HEAD_SIZE, InvalidHead, RequestHead, head_too_large, parse_head
+from openaigw.headers import stored_name
 from openaigw.telemetry import Telemetry
 
 log = Logger()
 _DISCARD_SECONDS = 1.0
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+_CONNECTION = stored_name(b"connection")
+_CLOSE = b"close"
+
+
+def _tokens(values: List[bytes]) -> Set[bytes]:
+    """The lowercased tokens of a comma-separated header's values."""
+    return {token.strip(b" \t").lower() for value in values for token in value.split(b",")}
 
 
 class _Randomness:
@@ -195,6 +203,19 @@ class GatewayChannel(HTTPChannel):
             self.allContentReceived()
         else:
             self.setRawMode()
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """Twisted's rule (HTTP/1.1 stays open unless the client says ``close``), with
+        ``Connection`` read as the comma-separated list it is (Twisted splits it at
+        spaces: ``close,keep-alive`` kept it open), and no connection kept once the
+        site drains (a head that was halfway in when the stop began)."""
+        if version != b"HTTP/1.1":
+            return False
+        values = request.requestHeaders._rawHeaders.get(_CONNECTION)
+        if self.site.draining or (values is not None and _CLOSE in _tokens(values)):
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return True
 
     def requestDone(self, request: Any) -> None:
         super().requestDone(request)
@@ -511,6 +532,7 @@ class GatewaySite(Site):
 
     _date_second = -1
     _date = b""
+    draining = False  # drain() was called: every connection closes after its answer
 
     def http_date(self) -> bytes:
         """The Date header's value now, formatted once a second."""
@@ -536,6 +558,7 @@ class GatewaySite(Site):
     def drain(self, timeout: float) -> "Deferred[None]":
         """Close idle connections now, the others once their request is answered;
         after ``timeout`` seconds abort what is left.  Fires when all are closed."""
+        self.draining = True  # (a head still coming in is answered, then closed)
         for channel in list(self.channels):
             channel.persistent = False  # close once the current answer is sent
             if not channel.requests and not channel._head:

@@ -61,6 +61,21 @@ def test_drain_closes_idle_waits_for_busy_then_aborts():
     assert slow.disconnected  # aborted after the timeout
 
 
+def test_drain_closes_after_a_head_that_was_halfway_in():
+    """A head still coming in when the stop begins is answered, with Connection: close,
+    and its connection closes then (not at the drain's timeout)."""
+    gw = Gateway()
+    request = post(CHAT, b"{}")
+    channel, client = gw.client(request[:20])
+    done = gw.site.drain(10)
+    channel.dataReceived(request[20:])
+    gw.upstream(0).send(response())
+    assert client.value().startswith(b"HTTP/1.1 200") and b"Connection: close" in client.value()
+    assert client.disconnecting and not done.called
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert done.called
+
+
 def write(path, text: str) -> None:
     path.write_text(text)
 

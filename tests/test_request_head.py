@@ -97,13 +97,27 @@ def test_many_pipelined_requests_answered_at_once():
     assert len(records) == 300
 
 
-def test_connection_close_ends_the_connection_after_its_answer():
-    """A request with Connection: close is the last: what follows it is not served."""
+@pytest.mark.parametrize("connection", [
+    b"close", b"Close", b"keep-alive, close", b"close,keep-alive", b"keep-alive,\tclose",
+])
+def test_connection_close_ends_the_connection_after_its_answer(connection):
+    """A request whose Connection list holds close is the last: its answer says so, and
+    what follows it is not served."""
     gw = Gateway()
-    channel, client = gw.client(post(CHAT, BODY, b"Connection: close\r\n") + GET)
+    channel, client = gw.client(post(CHAT, BODY, b"Connection: " + connection + b"\r\n") + GET)
     gw.upstream().send(response())
     assert statuses(client.value()) == [b"200"] and client.disconnecting
+    assert b"\r\nConnection: close\r\n" in client.value()
     assert gw.upstream().received().count(b" HTTP/1.1\r\n") == 1
+
+
+@pytest.mark.parametrize("connection", [b"keep-alive", b"Keep-Alive, Upgrade", b"closed"])
+def test_connection_without_close_stays_open(connection):
+    gw = Gateway()
+    channel, client = gw.client(post(CHAT, BODY, b"Connection: " + connection + b"\r\n"))
+    gw.upstream().send(response())
+    assert statuses(client.value()) == [b"200"] and not client.disconnecting
+    assert b"Connection: close" not in client.value()
 
 
 def test_expect_100_continue_answered_before_the_body():
