@@ -97,7 +97,8 @@ def gateway(full: bool) -> Tuple[Callable[[bytes], None], Any, Any, Any]:
             transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
             protocol = factory.buildProtocol(None)
             protocol.makeConnection(transport)
-            upstream.append((protocol, transport))
+            # (The protocol a TCP transport delivers reads to, as it may be handed on.)
+            upstream.append((getattr(transport, "protocol", protocol), transport))
         upstream[0][1].clear()
 
     return send, upstream, reactor, client
@@ -125,6 +126,7 @@ def open_streams(count: int) -> None:
         upstream = StringTransport(peerAddress=IPv4Address("TCP", host, port))
         protocol = factory.buildProtocol(None)
         protocol.makeConnection(upstream)
+        protocol = getattr(upstream, "protocol", protocol)
         protocol.dataReceived(head)
         protocol.dataReceived(body)
         protocol.connectionLost(Failure(ConnectionDone()))

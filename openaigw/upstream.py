@@ -7,14 +7,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
@@ -61,12 +61,19 @@ class _Attempt:
         self._tls = tls
         self._timeout = timeout
         self._protocol: Any = None  # once TCP is up
-        self._connecting: "Optional[Deferred[Any]]" = None
+        self._connector: Any = None  # while connecting to an address
+        self._connecting: "Optional[Deferred[Any]]" = None  # while a HostnameEndpoint connects
         self._timer: Any = reactor.callLater(timeout, self._expire)
 
     def start(self, connecting: "Deferred[Any]") -> None:
+        """Follow an endpoint's connection (a node named by its hostname)."""
         self._connecting = connecting
-        connecting.addCallbacks(self._tcp_up, self._tcp_failed)
+        connecting.addCallbacks(self.tcp_up, self._endpoint_failed)
+
+    def connecting(self, connector: Any) -> None:
+        """The reactor's connector to an address is under way."""
+        if self.ready is not None:  # (else it failed at once: nothing to stop)
+            self._connector = connector
 
     def succeeded(self, protocol: Any) -> None:
         self._fire(protocol, True)
@@ -77,15 +84,18 @@ class _Attempt:
     def _fire(self, result: Any, ok: bool) -> None:
         ready, self.ready = self.ready, None
         self._stop_timer()
-        self._protocol = self._connecting = None
+        self._protocol = self._connector = self._connecting = None
         if ready is not None and not ready.called:
             if ok:
                 ready.callback(result)
             else:
                 ready.errback(result)
 
-    def _tcp_up(self, protocol: Any) -> None:
-        self._connecting = None
+    def tcp_up(self, protocol: Any) -> None:
+        """TCP is up, with ``protocol`` (TLS's, for a TLS node) on it."""
+        self._connector = self._connecting = None
+        if self.ready is None:
+            return
         try:
             protocol.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
@@ -95,7 +105,7 @@ class _Attempt:
         else:
             self.succeeded(protocol)
 
-    def _tcp_failed(self, failure: Failure) -> None:
+    def _endpoint_failed(self, failure: Failure) -> None:
         # (Cancelled by _stop_connecting: the attempt has ended already.)
         if not failure.check(neterror.ConnectingCancelledError):
             self.failed(failure)
@@ -112,9 +122,12 @@ class _Attempt:
         self.failed(ConnectTimeout(f"no connection within {self._timeout:g}s"))
 
     def _stop_connecting(self) -> None:
-        protocol, connecting, self._protocol, self._connecting = self._protocol, self._connecting, None, None
+        protocol, connector, connecting = self._protocol, self._connector, self._connecting
+        self._protocol = self._connector = self._connecting = None
         if protocol is not None:
             protocol.transport.abortConnection()
+        elif connector is not None:
+            connector.stopConnecting()  # (its clientConnectionFailed finds the attempt over)
         elif connecting is not None:
             connecting.cancel()
 
@@ -122,6 +135,68 @@ class _Attempt:
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
+
+
+class _Handoff(Protocol):
+    """What the reactor's connector to an address builds: on ``makeConnection`` it
+    hands the transport to the real protocol (Twisted's TCP transport reads into its
+    ``protocol``: no call in between on every read, as an endpoint's wrapping
+    protocol makes) and tells the attempt that TCP is up."""
+
+    def __init__(self, inner: Any, attempt: _Attempt) -> None:
+        self._inner = inner
+        self._attempt = attempt
+
+    def logPrefix(self) -> str:
+        return self._inner.__class__.__name__
+
+    def makeConnection(self, transport: Any) -> None:
+        inner, attempt = self._inner, self._attempt
+        transport.protocol = inner  # (tcp.Connection's: where it delivers reads and the end)
+        del self._attempt  # (the attempt holds nothing once it has fired)
+        inner.makeConnection(transport)
+        attempt.tcp_up(inner)
+
+    # (For whoever still calls the protocol it was given: in-memory tests.)
+    def dataReceived(self, data: bytes) -> None:
+        self._inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = Failure(neterror.ConnectionDone())) -> None:
+        self._inner.connectionLost(reason)
+
+
+class _AttemptFactory(ClientFactory):
+    """The factory given to ``connectTCP`` for a node at an address: the attempt
+    hears of the connector, of TCP up (through :class:`_Handoff`) and of failure."""
+
+    noisy = False
+
+    def __init__(self, inner: IProtocolFactory, attempt: _Attempt) -> None:
+        self._inner = inner
+        self._attempt = attempt
+
+    def doStart(self) -> None:
+        self._inner.doStart()
+
+    def doStop(self) -> None:
+        self._inner.doStop()
+
+    def startedConnecting(self, connector: Any) -> None:
+        self._attempt.connecting(connector)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        attempt = self._attempt
+        try:
+            inner = self._inner.buildProtocol(addr)
+            if inner is None:
+                raise neterror.NoProtocol()
+        except BaseException:
+            attempt.failed(Failure())
+            return None
+        return _Handoff(inner, attempt)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self._attempt.failed(reason)  # (nothing if the attempt is over: stopped, timed out)
 
 
 @implementer(IProtocol, IHandshakeListener)
@@ -172,20 +247,23 @@ class _WatcherFactory(Factory):
 @implementer(IStreamClientEndpoint)
 class NodeEndpoint:
     """Connects to one node: TCP with TCP_NODELAY, then (for https) a verified TLS
-    handshake, all within ``timeout`` seconds; fires once the connection is usable."""
+    handshake, all within ``timeout`` seconds; fires once the connection is usable.
+
+    A node at an address is connected with the reactor's ``connectTCP`` and this
+    module's factory (:class:`_AttemptFactory`), not a Twisted endpoint: no wrapping
+    protocol between the transport and the connection's protocol, no connector timer
+    (the attempt's one timer times TCP and TLS).  A node named by its hostname goes
+    through ``HostnameEndpoint`` (name resolution, one address after another).
+    """
 
     def __init__(self, reactor: Any, node: Node, tls: Any, timeout: float) -> None:
         self._reactor = reactor
         self._tls = tls
         self._timeout = timeout
-        # (No timeout of the connector's own for an address: the attempt's one timer
-        # times the TCP connection and the handshake, and cancels the connector.)
-        if isIPAddress(node.host):
-            self._tcp: Any = TCP4ClientEndpoint(reactor, node.host, node.port, None)
-        elif isIPv6Address(node.host):
-            self._tcp = TCP6ClientEndpoint(reactor, node.host, node.port, None)
-        else:
-            self._tcp = HostnameEndpoint(reactor, node.host, node.port, timeout)
+        self._host, self._port = node.host, node.port
+        self._hostname: Any = None
+        if not (isIPAddress(node.host) or isIPv6Address(node.host)):
+            self._hostname = HostnameEndpoint(reactor, node.host, node.port, timeout)
 
     def connect(self, factory: IProtocolFactory) -> "Deferred[Any]":
         factory.noisy = False  # type: ignore[attr-defined]  # no log line per connection
@@ -193,7 +271,10 @@ class NodeEndpoint:
         ready = attempt.ready
         if self._tls is not None:
             factory = TLSMemoryBIOFactory(self._tls, True, _WatcherFactory(factory, attempt))
-        attempt.start(self._tcp.connect(factory))
+        if self._hostname is not None:
+            attempt.start(self._hostname.connect(factory))
+        else:
+            self._reactor.connectTCP(self._host, self._port, _AttemptFactory(factory, attempt), None)
         return ready  # type: ignore[return-value]
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import gc
 
 import pytest
-from twisted import version as twisted_version
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionRefusedError, NoProtocol, UserError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from openaigw.config import Node
 from openaigw.upstream import ConnectTimeout, NodeEndpoint
@@ -77,9 +78,6 @@ def test_late_tls_handshake_is_a_connect_timeout_and_aborts_the_connection():
 def test_attempts_leave_no_reference_cycles(tls):
     """An attempt per new upstream connection (many in a burst of streams) is freed
     by reference counting, whichever way it ends."""
-    if tls and twisted_version.major < 24:
-        pytest.skip("Twisted < 24: a fired TCP endpoint Deferred keeps its canceller (its "
-                    "wrapping factory, and the TLS factories it wraps, in a cycle of Twisted's)")
     reactor = MemoryReactorClock()
     endpoint = NodeEndpoint(reactor, NODE, CertificateOptions() if tls else None, 5)
 
@@ -103,3 +101,51 @@ def test_attempts_leave_no_reference_cycles(tls):
         gc.set_debug(0)
         gc.garbage.clear()
     assert left == []
+
+
+def test_a_node_at_an_address_hands_the_transport_to_the_protocol():
+    """connectTCP with the attempt's own factory: reads go from the transport straight
+    to the connection's protocol (no endpoint's wrapping protocol in between)."""
+    reactor = MemoryReactorClock()
+    out = results(NodeEndpoint(reactor, NODE, None, 5).connect(Factory.forProtocol(Protocol)))
+    host, port, factory, timeout, _ = reactor.tcpClients[-1]
+    assert (host, port, timeout) == ("10.0.0.1", 8080, None)
+    _, transport = tcp_up(reactor)
+    assert transport.protocol is out[0] and out[0].transport is transport
+
+
+def test_an_ipv6_node_connects_to_its_address():
+    reactor = MemoryReactorClock()
+    NodeEndpoint(reactor, Node("::1", 8080, 1), None, 5).connect(Factory.forProtocol(Protocol))
+    assert reactor.tcpClients[-1][:2] == ("::1", 8080)
+
+
+def test_a_refused_connection_fails_with_its_reason_and_leaves_no_timer():
+    reactor = MemoryReactorClock()
+    out = results(NodeEndpoint(reactor, NODE, None, 5).connect(Factory.forProtocol(Protocol)))
+    _, _, factory, _, _ = reactor.tcpClients[-1]
+    factory.clientConnectionFailed(reactor.connectors[-1], Failure(ConnectionRefusedError()))
+    assert out[0].check(ConnectionRefusedError) and reactor.getDelayedCalls() == []
+
+
+def test_what_the_connector_reports_after_a_cancel_changes_nothing():
+    """A real connector reports its stopped attempt to the factory: the attempt is over."""
+    reactor = MemoryReactorClock()
+    ready = NodeEndpoint(reactor, NODE, None, 5).connect(Factory.forProtocol(Protocol))
+    out = results(ready)
+    ready.cancel()
+    _, _, factory, _, _ = reactor.tcpClients[-1]
+    factory.clientConnectionFailed(reactor.connectors[-1], Failure(UserError()))
+    assert len(out) == 1 and out[0].check(CancelledError)
+
+
+def test_a_factory_that_builds_nothing_fails_the_attempt():
+    reactor = MemoryReactorClock()
+    class Nothing(Factory):
+        def buildProtocol(self, addr):
+            return None
+
+    out = results(NodeEndpoint(reactor, NODE, None, 5).connect(Nothing()))
+    _, _, factory, _, _ = reactor.tcpClients[-1]
+    assert factory.buildProtocol(None) is None
+    assert out[0].check(NoProtocol) and reactor.getDelayedCalls() == []
