@@ -104,7 +104,7 @@ class UpstreamConfig:
     timeout_read: float = 60.0
     retries: int = 0
     keepalive_timeout: float = 30.0
-    keepalive_pool: int = 64
+    keepalive_pool: int = 320  # APISIX's (nginx keepalive 320 in its config-default.yaml)
     max_connections: int = 0  # per node; 0: no limit
     stream_usage: bool = True  # ask chat/completions streams for their usage chunk
     api_key: Optional[str] = field(default=None, repr=False)  # resolved: never in messages
@@ -621,7 +621,7 @@ def parse_upstream(section: Section) -> UpstreamConfig:
         timeout_read=read,
         retries=section.number("retries", len(nodes) - 1, integer=True),
         keepalive_timeout=section.number("keepalive_timeout", 30.0),
-        keepalive_pool=section.number("keepalive_pool", 64, integer=True),
+        keepalive_pool=section.number("keepalive_pool", 320, integer=True),
         max_connections=section.number("max_connections", 0, integer=True),
         stream_usage=section.flag("stream_usage", True),
         checks=_checks(section),

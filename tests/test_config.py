@@ -248,7 +248,8 @@ def test_secret_errors(value, expected):
 
 
 def test_sizes_and_defaults():
-    """Sizes take K/M/G suffixes; retries default to nodes - 1; ports default by scheme."""
+    """Sizes take K/M/G suffixes; retries default to nodes - 1; ports default by scheme;
+    the idle pool is APISIX's size."""
     config = parse(
         "[gateway]\nmax_body_size = 512k\n[upstream:u]\nnodes = a.example\n  b.example 2\n"
         "[route:r]\nuri = /x\nupstream = u\n",
@@ -258,6 +259,7 @@ def test_sizes_and_defaults():
     assert config.gateway.max_body_size == 512 * 1024
     assert config.upstreams["u"].nodes == (Node("a.example", 443, 1), Node("b.example", 443, 2))
     assert config.upstreams["u"].retries == 1
+    assert config.upstreams["u"].keepalive_pool == 320
     assert config.routes[0].methods is None
 
 
