@@ -283,6 +283,8 @@ class UpstreamResponse:
 
     request = None
     previousResponse = None
+    _in_head_read = False  # the read that brought the head is being passed on
+    _after_read: Any = None  # (callback, argument) for when it has been
 
     def __init__(self, connection: "UpstreamConnection", head: ParsedHead) -> None:
         self.version = (b"HTTP", 1, 1 if head.version == b"HTTP/1.1" else 0)
@@ -318,6 +320,21 @@ class UpstreamResponse:
 
     def setPreviousResponse(self, response: Any) -> None:
         self.previousResponse = response
+
+    def after_head_read(self, callback: Callable[[Any], None], argument: Any) -> bool:
+        """Call ``callback(argument)`` once the read that brought this head has been
+        passed on (the body bytes that came with it delivered, if any); False, and
+        no call, when that read is over already (one callback)."""
+        if not self._in_head_read:
+            return False
+        self._after_read = (callback, argument)
+        return True
+
+    def _head_read_over(self) -> None:
+        self._in_head_read = False
+        after, self._after_read = self._after_read, None
+        if after is not None:
+            after[0](after[1])
 
     def _data(self, data: bytes) -> None:
         if self._consumer is None:
@@ -507,15 +524,19 @@ class UpstreamConnection(Protocol):
         self._state = _BODY
         waiting = self._take_waiting()
         assert waiting is not None
-        waiting.callback(response)
-        if self._state != _BODY:  # the head's receiver gave up on it
-            return
-        if self._remaining == 0:
-            if buffer:  # bytes after an answer without a body: the connection is not sane
-                self._reusable = False
-            self._finish()
-        elif buffer:
-            self._body(buffer)
+        response._in_head_read = True
+        try:
+            waiting.callback(response)
+            if self._state != _BODY:  # the head's receiver gave up on it
+                return
+            if self._remaining == 0:
+                if buffer:  # bytes after an answer without a body: the connection is not sane
+                    self._reusable = False
+                self._finish()
+            elif buffer:
+                self._body(buffer)
+        finally:
+            response._head_read_over()
 
     def _body(self, data: bytes) -> None:
         response = self._response

@@ -16,7 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from openaigw import errors
+from openaigw import errors, writethrough
 from openaigw.cache.flight import Flight, Head
 from openaigw.exchange import Exchange
 from openaigw.filters import run_filters
@@ -68,6 +68,19 @@ def _ask_for_usage(exchange: Exchange) -> None:
             exchange.body = added
         exchange.strip_usage = True
         exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])  # strippable
+
+
+def _gather_head_read(request: GatewayRequest, response: IResponse) -> None:
+    """What the client gets from the upstream read that brought ``response``'s head
+    (the head, and a stream's first events if they came with it) goes out in one
+    send: the client connection's writes are held until that read has been passed
+    on, never longer (see :mod:`openaigw.writethrough`)."""
+    channel = request.channel
+    if channel is None or not writethrough.hold(channel.transport):
+        return
+    after = getattr(response, "after_head_read", None)
+    if after is None or not after(writethrough.release, channel.transport):
+        writethrough.release(channel.transport)
 
 
 @implementer(IPushProducer)
@@ -342,6 +355,7 @@ class RouteResource(Resource):
         await self._deliver(exchange, response, upstream, node, flight, None, streamed)
 
     async def _relay(self, exchange: Exchange, response: IResponse, upstream: Upstream, node: Node) -> None:
+        _gather_head_read(exchange.request, response)
         try:
             head = self._upstream_head(exchange, response)
             streamed = self.send_head(exchange, head, response.length)

@@ -219,3 +219,47 @@ def test_an_answer_in_one_read_goes_out_in_one_send(connection):
         assert counting.sends == before + 1
         answer = peer.recv(4096)
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\n" + body)
+
+
+_SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+_EVENT = b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n'
+
+
+def _stream_client(connection):
+    from twisted.internet.address import IPv4Address
+
+    from tests.memory import Gateway, post
+
+    conn, peer, _ = connection
+    gw = Gateway()
+    channel = gw.site.buildProtocol(None)
+    conn.protocol = channel
+    conn.socket = counting = _CountingSocket(conn.socket)
+    conn.getPeer = lambda: IPv4Address("TCP", "192.0.2.7", 50000)
+    conn.getHost = lambda: IPv4Address("TCP", "127.0.0.1", 9080)
+    channel.makeConnection(conn)
+    channel.dataReceived(post(b"/v1/chat/completions", b'{"model": "m", "stream": true}'))
+    return gw, counting, peer
+
+
+def test_a_stream_head_and_the_events_of_its_read_go_out_in_one_send(connection):
+    """A stream whose first event came in the head's upstream read: one send for both."""
+    gw, counting, peer = _stream_client(connection)
+    chunk = b"%x\r\n%s\r\n" % (len(_EVENT), _EVENT)
+    gw.upstream().send(_SSE_HEAD + chunk)
+    assert counting.sends == 1
+    answer = peer.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\n" + chunk)
+    gw.upstream().send(chunk)  # a later read: a send of its own, at once
+    assert counting.sends == 2 and peer.recv(4096) == chunk
+
+
+@pytest.mark.parametrize("rest", [b"", b"2f\r\ndata: {"], ids=("head alone", "partial event"))
+def test_a_stream_head_is_not_held_past_its_read(connection, rest):
+    """A head whose read brings no whole event still goes out when that read ends
+    (with whatever of the body is relayed from it)."""
+    gw, counting, peer = _stream_client(connection)
+    gw.upstream().send(_SSE_HEAD + rest)
+    assert counting.sends == 1
+    answer = peer.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\n\r\n" in answer
