@@ -97,7 +97,7 @@ class GatewayChannel(HTTPChannel):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass  # not a TCP connection (UNIX socket)
-        self._wait_idle()
+        self._wait_idle(first=True)
 
     def connectionLost(self, reason: Any) -> None:
         if self._timer is not None:
@@ -222,9 +222,13 @@ class GatewayChannel(HTTPChannel):
         if not self._handlingRequest and not self._deadline:  # (no pipelined request begun)
             self._wait_idle()
 
-    def _wait_idle(self) -> None:
+    def _wait_idle(self, first: bool = False) -> None:
         if self.idle_timeout and not self._refused:
-            self._expect("idle", self.idle_timeout)
+            # A new connection's first byte starts a head's deadline, most often
+            # sooner than the idle one: its timer is set for the head's time from
+            # the start (it waits again for what is left), not set anew at that byte.
+            soon = min(self.idle_timeout, self.site.client_header_timeout) if first else None
+            self._expect("idle", self.idle_timeout, soon)
 
     def allHeadersReceived(self) -> None:
         if self.length == 0:
@@ -237,12 +241,14 @@ class GatewayChannel(HTTPChannel):
         self._deadline = 0.0
         super().allContentReceived()
 
-    def _expect(self, part: str, seconds: float) -> None:
+    def _expect(self, part: str, seconds: float, timer_in: Optional[float] = None) -> None:
+        """Wait ``seconds`` for ``part``; a new timer (none running) fires in
+        ``timer_in`` seconds if given, no later than ``seconds``."""
         self._part = part
         deadline = self._deadline = self.site.clock.seconds() + seconds
         timer = self._timer
         if timer is None:
-            self._timer = self.callLater(seconds, self._deadline_reached)
+            self._timer = self.callLater(timer_in or seconds, self._deadline_reached)
         elif timer.getTime() > deadline:
             # A new timer, not timer.reset: Twisted moves a timer sooner with a
             # linear search of all pending timers (one per connection: a burst

@@ -329,3 +329,22 @@ def test_pipelined_head_gets_its_deadline_when_parsing_resumes():
     assert client.value() == b""
     gw.reactor.advance(1)
     assert client.value().startswith(b"HTTP/1.1 408")
+
+
+def test_a_new_connection_has_one_timer_for_its_idle_time_and_first_head():
+    """A new connection's request costs no second timer (its timer is due no later
+    than a head's deadline from the first byte); idle, it still lasts the Site's timeout."""
+    gw = Gateway(SLOW)
+    gw.site.timeOut = 60
+    channel, client = gw.client()
+    (timer,) = gw.reactor.getDelayedCalls()
+    channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert gw.reactor.getDelayedCalls() == [timer] and timer.active()
+    channel.dataReceived(b"Host: gw\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
+    gw.upstream().send(response())
+    assert client.value().startswith(b"HTTP/1.1 200")
+    idle, client2 = gw.client()
+    gw.reactor.advance(59)
+    assert not client2.disconnecting
+    gw.reactor.advance(1)
+    assert client2.disconnecting
