@@ -1,10 +1,11 @@
 """Deterministic cost of the gateway's own code: CPU instructions per request or chunk.
 
-    python bench/instructions.py [plain|full|stream|stream-usage|stream-open|all]   # needs valgrind
+    python bench/instructions.py [plain|full|bare|stream|stream-usage|stream-open|all]   # needs valgrind
     python bench/instructions.py --profile plain           # cProfile's top entries
 
 The gateway of bench/run.py (its routes, proxy-rewrite, the JSON access log; "full"
-adds key-auth, limit-count, ai-rate-limiting and metrics) is built in memory: a real
+adds key-auth, limit-count, ai-rate-limiting and metrics; "bare" has no access log:
+bench/run.py's openaigw-full and openaigw-bare) is built in memory: a real
 GatewaySite and upstream client over StringTransports and a MemoryReactorClock, with
 one kept-alive client connection and one kept-alive upstream connection.  Each
 scenario runs under callgrind twice, with a small and a large count; the difference
@@ -53,13 +54,14 @@ USAGE = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","create
 # "usage":null in every chunk, which the gateway strips for a client that did not ask.
 EVENT_ASKED = EVENT[:-3] + b',"usage":null}\n\n'
 # (small, large): the counts whose difference is measured.
-COUNTS = {"plain": (100, 600), "full": (100, 600), "stream": (20, 420), "stream-usage": (20, 420),
+COUNTS = {"plain": (100, 600), "full": (100, 600), "bare": (100, 600), "stream": (20, 420), "stream-usage": (20, 420),
           "stream-open": (50, 350)}
 SCENARIOS = tuple(COUNTS)
 
 
-def site(full: bool) -> Tuple[Any, Any]:
-    """Build the in-memory gateway: (its site, its MemoryReactorClock)."""
+def site(full: bool, bare: bool = False) -> Tuple[Any, Any]:
+    """Build the in-memory gateway: (its site, its MemoryReactorClock); ``bare``: no
+    access log (bench/run.py's openaigw-bare)."""
     from twisted.internet.testing import MemoryReactorClock
 
     from openaigw.accesslog import AccessLog
@@ -70,19 +72,21 @@ def site(full: bool) -> Tuple[Any, Any]:
     from openaigw.telemetry import Telemetry
 
     reactor = MemoryReactorClock()
-    ini = gateway_ini(0, 8080, "openaigw-full" if full else "openaigw", tempfile.gettempdir())
+    variant = "openaigw-full" if full else "openaigw-bare" if bare else "openaigw"
+    ini = gateway_ini(0, 8080, variant, tempfile.gettempdir())
     parsed = parse(ini, "gw.ini", {"OPENAI_API_KEY": "sk-real"})
-    telemetry = Telemetry(AccessLog(os.devnull, "json", reactor), Metrics() if full else None)
+    access_log = None if bare else AccessLog(os.devnull, "json", reactor)
+    telemetry = Telemetry(access_log, Metrics() if full else None)
     runtime = build_runtime(parsed.gateway, reactor, telemetry)
     return build_site(parsed, reactor, runtime, telemetry)[0], reactor
 
 
-def gateway(full: bool) -> Tuple[Callable[[bytes], None], Any, Any, Any]:
+def gateway(full: bool, bare: bool = False) -> Tuple[Callable[[bytes], None], Any, Any, Any]:
     """Build the in-memory gateway; return (send a client request, upstream, clock, client)."""
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import StringTransport
 
-    gateway_site, reactor = site(full)
+    gateway_site, reactor = site(full, bare)
     peer = IPv4Address("TCP", "127.0.0.1", 50000)
     channel = gateway_site.buildProtocol(peer)
     client = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 9080), peerAddress=peer)
@@ -152,7 +156,7 @@ def run(scenario: str, count: int) -> None:
         open_streams(count)
         return
     full = scenario == "full"
-    send, upstream, clock, client = gateway(full)
+    send, upstream, clock, client = gateway(full, scenario == "bare")
     if scenario.startswith("stream"):
         send(request(STREAM_BODY, full))
         protocol = upstream[0][0]

@@ -281,3 +281,45 @@ def test_request_metrics_match_prometheus_client():
 
     for name in ("openaigw_requests_total", "openaigw_tokens_total"):
         assert text(metrics.registry, name) == text(reference, name)
+
+
+def test_json_line_durations_are_rounded_as_before():
+    """Durations in the JSON line read as ``repr(round(ms, 3))`` did: the same
+    digits for every magnitude and sign, halves included, ints and oddities too."""
+    import random
+
+    from openaigw.accesslog import _ms
+
+    rand = random.Random(15)
+    values = [0.0, -0.0, 5e-7, 1.5e-6, 2.5e-6, 0.0025, 2.0005e-3, 1e-9, 3, 0, 10**13, 1e9 + 4.999e-7,
+              float("inf"), float("nan"), -4e-7, 999999999.9999995, 1e12, 0.9999999999995]
+    for exponent in range(-10, 14):
+        for _ in range(500):
+            values.append(rand.random() * 10.0 ** exponent * rand.choice((1, -1)))
+            values.append(round(rand.random() * 10.0 ** exponent, rand.randrange(8)) + rand.choice((0, 5e-7)))
+    assert [_ms(v) for v in values] == [repr(round(v * 1000, 3)) for v in values]
+
+
+def test_json_line_quotes_every_value_even_once_its_memory_is_full(monkeypatch):
+    """Remembered JSON texts are bounded, and values beyond the bound are still quoted."""
+    import openaigw.accesslog as accesslog
+
+    quoted = accesslog._Quoted()
+    monkeypatch.setattr(accesslog._Quoted, "LIMIT", 2)
+    monkeypatch.setattr(accesslog, "_QUOTED", quoted)
+    for path in ("/v1/a", '/v1/"b"', "/v1/\u00e9", "/v1/a"):
+        line = AccessRecord(started=0.0, path=path).json_line()
+        assert json.loads(line)["path"] == path
+    assert len(quoted) == 2
+
+
+def test_access_log_time_is_utc_to_the_millisecond(monkeypatch):
+    """The line's time is the wall clock's, in UTC, each millisecond its own."""
+    import openaigw.accesslog as accesslog
+
+    times = []
+    for when in (1764633600.0425, 1764633600.0427, 1764633600.9996, 1764633601.0, 1764633599.0005, 0.001):
+        monkeypatch.setattr(accesslog.time, "time", lambda: when)
+        times.append(json.loads(AccessRecord(started=0.0).json_line())["time"])
+    assert times == ["2025-12-02T00:00:00.042Z", "2025-12-02T00:00:00.042Z", "2025-12-02T00:00:00.999Z",
+                     "2025-12-02T00:00:01.000Z", "2025-12-01T23:59:59.000Z", "1970-01-01T00:00:00.001Z"]
