@@ -274,7 +274,10 @@ class NodeEndpoint:
         if self._hostname is not None:
             attempt.start(self._hostname.connect(factory))
         else:
-            self._reactor.connectTCP(self._host, self._port, _AttemptFactory(factory, attempt), None)
+            try:
+                self._reactor.connectTCP(self._host, self._port, _AttemptFactory(factory, attempt), None)
+            except Exception:  # (as an endpoint's connect: a failed Deferred, not a raise)
+                attempt.failed(Failure())
         return ready  # type: ignore[return-value]
 
 

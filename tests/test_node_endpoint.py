@@ -10,7 +10,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionRefusedError, NoProtocol, UserError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor, StringTransport
 from twisted.python.failure import Failure
 
 from openaigw.config import Node
@@ -149,3 +149,11 @@ def test_a_factory_that_builds_nothing_fails_the_attempt():
     _, _, factory, _, _ = reactor.tcpClients[-1]
     assert factory.buildProtocol(None) is None
     assert out[0].check(NoProtocol) and reactor.getDelayedCalls() == []
+
+
+def test_a_connect_that_raises_fails_the_attempt_and_leaves_no_timer():
+    reactor, clock = RaisingMemoryReactor(connectException=OSError("no more files")), MemoryReactorClock()
+    reactor.callLater = clock.callLater  # (the attempt's timer)
+    out = results(NodeEndpoint(reactor, NODE, None, 5).connect(Factory.forProtocol(Protocol)))
+    assert out[0].check(OSError) and "no more files" in str(out[0].value)
+    assert clock.getDelayedCalls() == []
