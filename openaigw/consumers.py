@@ -8,8 +8,12 @@ from typing import Any, Dict, Optional, Tuple
 
 from twisted.web.http_headers import Headers
 
+from openaigw.headers import stored_name
+
 # Where SDKs put the key: OpenAI's (Bearer), Azure's (api-key), and the common X-API-Key.
 CREDENTIAL_HEADERS = (b"authorization", b"api-key", b"x-api-key")
+STORED_CREDENTIAL_HEADERS = tuple(map(stored_name, CREDENTIAL_HEADERS))  # (see openaigw.headers)
+_AUTHORIZATION = STORED_CREDENTIAL_HEADERS[0]
 
 
 @dataclass(frozen=True)
@@ -27,14 +31,17 @@ class Consumer:
 
 def presented_key(headers: Headers) -> Optional[bytes]:
     """The key in ``Authorization: Bearer``, ``api-key`` or ``X-API-Key``, if any."""
-    for value in headers.getRawHeaders(b"authorization", ()):
+    fields = headers._rawHeaders
+    for value in fields.get(_AUTHORIZATION, ()):
         scheme, _, token = value.strip().partition(b" ")
-        if scheme.lower() == b"bearer" and token.strip():
-            return token.strip()
-    for name in CREDENTIAL_HEADERS[1:]:
-        for value in headers.getRawHeaders(name, ()):
-            if value.strip():
-                return value.strip()
+        token = token.strip()
+        if token and scheme.lower() == b"bearer":
+            return token
+    for name in STORED_CREDENTIAL_HEADERS[1:]:
+        for value in fields.get(name, ()):
+            value = value.strip()
+            if value:
+                return value
     return None
 
 

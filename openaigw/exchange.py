@@ -28,9 +28,10 @@ class Exchange:
     ``method``, ``path`` (with its query string), ``headers`` and ``body`` are what will
     be sent upstream; request filters change them in place.  Filters also name the
     ``consumer``, add ``response_headers`` (sent with the answer, the gateway's own
-    errors included), and register callbacks to run when the exchange is over,
-    however it ends.  ``strip_usage``: the gateway, not the client, asked for the
-    stream's usage chunk, which the client must not get.  ``meter`` reads the answer's
+    errors included; named as :func:`openaigw.headers.stored_name` gives them), and
+    register callbacks to run when the exchange is over, however it ends.
+    ``strip_usage``: the gateway, not the client, asked for the stream's usage chunk,
+    which the client must not get.  ``meter`` reads the answer's
     token usage.  ``cache`` is set when the response cache may answer the request.
     """
 

@@ -199,7 +199,9 @@ class Metrics:
                 stats.tokens_saved[route] = stats.tokens_saved.get(route, 0) + record.tokens_saved
         usage = record.usage
         if usage is not None:
-            model = self._model(record)
+            model = record.model
+            if model not in self._models:  # (None, or not yet a label value)
+                model = self._model(record)
             tokens = stats.tokens
             if usage.prompt_tokens:
                 key = (route, consumer, model, "prompt")

@@ -20,7 +20,7 @@ from openaigw import errors, writethrough
 from openaigw.cache.flight import Flight, Head
 from openaigw.exchange import Exchange
 from openaigw.filters import run_filters
-from openaigw.headers import request_headers, response_headers, set_own, stored_name
+from openaigw.headers import request_headers, response_headers, stored_name
 from openaigw.interfaces import IRequestFilter
 from openaigw.server import GatewayRequest
 from openaigw.telemetry import Telemetry
@@ -294,9 +294,9 @@ class RouteResource(Resource):
         True if it is an event stream."""
         headers = head.headers
         code = head.code
-        for name, value in exchange.response_headers.items():  # (the gateway's own)
-            set_own(headers, name, value)
         fields = headers._rawHeaders  # (see openaigw.headers)
+        for name, value in exchange.response_headers.items():  # (the gateway's own, stored names)
+            fields[name] = [value]
         request = exchange.request
         request.setResponseCode(code, head.phrase)
         dated = request.responseHeaders._rawHeaders.get(_DATE)  # (GatewayRequest.process's)

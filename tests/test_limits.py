@@ -192,6 +192,20 @@ def test_valid_key_replaced_by_consumer_name(header):
     assert not any(line.lower().startswith((b"api-key", b"x-api-key")) for line in lines)
 
 
+def test_every_credential_header_is_dropped_in_any_case():
+    """Every credential the client sent (any header, any case, all at once) stays out of
+    the upstream request, and the consumer's name replaces a client's own claim."""
+    gw = Gateway(CONFIG)
+    extra = (f"AUTHORIZATION: Bearer {KEY_B}\r\nAPI-KEY: sk-other\r\nx-api-KEY: sk-third\r\n"
+             "X-CONSUMER-USERNAME: team-a\r\n").encode()
+    _, client = gw.client(post(CHAT, BODY, extra))
+    sent = gw.upstream().received()
+    head = sent.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"sk-gw-team" not in head and b"sk-other" not in head and b"sk-third" not in head
+    assert b"api-key" not in head and head.count(b"authorization: ") == 1
+    assert head.count(b"x-consumer-username") == 1 and b"x-consumer-username: team-b" in head
+
+
 def test_own_headers_are_stored_as_twisted_stores_them():
     """set_own leaves a Headers as setRawHeaders would (the name's stored case differs
     between Twisted versions), replacing any value the name had in another case."""
@@ -221,6 +235,23 @@ def test_counter_names_per_consumer():
 
 
 # --- request limits -----------------------------------------------------------------
+
+def test_limit_headers_replace_the_upstreams_own():
+    """The gateway's limit headers replace what the upstream said under those names
+    (in any case): one of each, the gateway's, and the upstream's others untouched."""
+    config = CONFIG + "ai-rate-limiting.limit = 1000\nai-rate-limiting.time_window = 60\n"
+    gw = Gateway(config)
+    _, client = gw.client(with_key(KEY_B))
+    raw = json.dumps(completion()).encode()
+    gw.upstream().send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-ratelimit-limit: 99\r\n"
+                       b"X-RATELIMIT-REMAINING: 98\r\nX-AI-RateLimit-Limit-Tokens: 7\r\n"
+                       b"X-RateLimit-Limit-Requests: 500\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw)
+    head = client.value().split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+    assert sorted(line for line in head if b"ratelimit" in line) == [
+        b"x-ai-ratelimit-limit-tokens: 1000", b"x-ai-ratelimit-remaining-tokens: 1000",
+        b"x-ai-ratelimit-reset-tokens: 60", b"x-ratelimit-limit-requests: 500", b"x-ratelimit-limit: 3",
+        b"x-ratelimit-remaining: 2", b"x-ratelimit-reset: 60"]
+
 
 def test_limit_count_rejects_over_the_window_and_resets():
     """The 4th request in a 60 s window gets 429 with Retry-After and the X-RateLimit headers."""

@@ -18,12 +18,14 @@ from openaigw.cache.entry import COOKIES, Entry, forbids_storing, stored_headers
 from openaigw.cache.flight import Flight, Head
 from openaigw.cache.store import MemoryCacheStore
 from openaigw.exchange import Exchange
+from openaigw.headers import stored_name
 from openaigw.interfaces import ICacheStore
 from openaigw.sse import EventSplitter, event_data
 from openaigw.usage import estimate_prompt_tokens
 
 log = Logger()
-STATUS = b"X-Cache-Status"
+STATUS = stored_name(b"X-Cache-Status")  # (as Headers stores it: see Exchange.response_headers)
+_AGE = stored_name(b"Age")
 _COMPLAINT_SECONDS = 60.0  # a failing store is logged at most this often
 _DECODED = 1024  # entries kept decoded, with the memory store (it returns the same bytes each time)
 
@@ -167,7 +169,7 @@ class CachedRequest:
     async def _replay(self, exchange: Exchange, relay: Any, entry: Entry) -> None:
         self._say(exchange, "hit")
         age = max(0.0, self._responses.clock.seconds() - entry.created)
-        exchange.response_headers[b"Age"] = b"%d" % math.floor(age)
+        exchange.response_headers[_AGE] = b"%d" % math.floor(age)
         head = Head(entry.status, b"OK", Headers())
         for name, value in entry.headers:
             head.headers.addRawHeader(name, value)

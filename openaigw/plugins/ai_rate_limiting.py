@@ -9,6 +9,7 @@ charged an estimate, flagged in the log.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property, partial
 from typing import Any, Tuple
 
 from twisted.internet.defer import Deferred
@@ -17,7 +18,7 @@ from zope.interface import implementer
 
 from openaigw.config import PluginOptions
 from openaigw.exchange import Exchange
-from openaigw.headers import set_own
+from openaigw.headers import stored_name
 from openaigw.interfaces import IPlugin, IRequestFilter
 from openaigw.plugins.limits import (
     TOKEN_HEADERS,
@@ -31,6 +32,7 @@ from openaigw.plugins.limits import (
 
 log = Logger()
 STRATEGIES = ("total_tokens", "prompt_tokens", "completion_tokens")
+_ACCEPT_ENCODING = stored_name(b"accept-encoding")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class TokenSettings:
 class TokenFilter(LimitFilter):
     plugin = "ai-rate-limiting"
 
+    @cached_property
+    def _limit_text(self) -> bytes:
+        """The limit, as its X-AI-RateLimit header says it."""
+        return b"%d" % self._settings.limit
+
     def filter_request(self, exchange: Exchange) -> Any:
         key = self._key(exchange)
         # A store that cannot answer: allowed (if it is), unlimited, and nothing to charge.
@@ -53,12 +60,12 @@ class TokenFilter(LimitFilter):
     def _check(self, exchange: Exchange, key: str, counted: Tuple[int, float]) -> None:
         s = self._settings
         used, reset = counted
-        report(exchange, TOKEN_HEADERS, s.limit, max(0, s.limit - used), reset)
+        report(exchange, TOKEN_HEADERS, self._limit_text, s.limit - used if used < s.limit else 0, reset)
         if used >= s.limit:
             raise self._rejected("tokens", f"{s.limit} {s.strategy} per {s.time_window}s", reset, "tokens")
         # Usage is read from the bytes as they pass: ask for them uncompressed.
-        set_own(exchange.headers, b"accept-encoding", b"identity")
-        exchange.on_complete(lambda done: self._charge(key, done))
+        exchange.headers._rawHeaders[_ACCEPT_ENCODING] = [b"identity"]  # (see openaigw.headers)
+        exchange.on_complete(partial(self._charge, key))
 
     def _charge(self, key: str, exchange: Exchange) -> None:
         usage = exchange.usage
@@ -71,7 +78,7 @@ class TokenFilter(LimitFilter):
         # the requests they had already admitted use.  A store that cannot answer
         # loses this charge (it says so in its own log).
         charged = self._store.add(key, self._settings.time_window, tokens)
-        if isinstance(charged, Deferred):
+        if type(charged) is not tuple and isinstance(charged, Deferred):  # (see LimitFilter._then)
             charged.addErrback(lambda _: None)
         if usage.estimated:
             log.info(

@@ -7,12 +7,15 @@ from typing import Any, Optional
 from zope.interface import implementer
 
 from openaigw.config import PluginOptions
-from openaigw.consumers import CREDENTIAL_HEADERS, KeyRing, presented_key
+from openaigw.consumers import STORED_CREDENTIAL_HEADERS, KeyRing, presented_key
 from openaigw.errors import GatewayError
 from openaigw.exchange import Exchange
 from openaigw.filters import run_filters
-from openaigw.headers import set_own
+from openaigw.headers import stored_name
 from openaigw.interfaces import IPlugin, IRequestFilter
+
+
+_X_CONSUMER_USERNAME = stored_name(b"x-consumer-username")
 
 
 def invalid_key(message: str) -> GatewayError:
@@ -40,9 +43,10 @@ class KeyAuthFilter:
         if consumer is None:
             raise invalid_key("Incorrect API key provided.")
         exchange.consumer = consumer.name
-        for name in CREDENTIAL_HEADERS:
-            exchange.headers.removeHeader(name)
-        set_own(exchange.headers, b"x-consumer-username", consumer.username)
+        fields = exchange.headers._rawHeaders  # (see openaigw.headers)
+        for name in STORED_CREDENTIAL_HEADERS:
+            fields.pop(name, None)
+        fields[_X_CONSUMER_USERNAME] = [consumer.username]
         if consumer.filters:
             return run_filters(consumer.filters, exchange)
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.internet.defer import Deferred
@@ -20,13 +21,15 @@ from zope.interface import implementer
 from openaigw.config import PluginOptions
 from openaigw.errors import GatewayError, StateUnavailable
 from openaigw.exchange import Exchange
+from openaigw.headers import stored_name
 from openaigw.http_syntax import TOKEN
 from openaigw.interfaces import IPlugin, IRequestFilter
 
-REQUEST_HEADERS = (b"X-RateLimit-Limit", b"X-RateLimit-Remaining", b"X-RateLimit-Reset")
-TOKEN_HEADERS = (
+# (names as Headers stores them: see Exchange.response_headers)
+REQUEST_HEADERS = tuple(map(stored_name, (b"X-RateLimit-Limit", b"X-RateLimit-Remaining", b"X-RateLimit-Reset")))
+TOKEN_HEADERS = tuple(map(stored_name, (
     b"X-AI-RateLimit-Limit-Tokens", b"X-AI-RateLimit-Remaining-Tokens", b"X-AI-RateLimit-Reset-Tokens",
-)
+)))
 _CONSUMER_KEYS = 10_000  # counter names a filter remembers (consumers are configured: bounded)
 
 
@@ -165,8 +168,8 @@ class LimitFilter:
         """``check(*args, value)`` with a store's answer: at once when the store gave
         the value (memory), else in an awaitable, once its Deferred fires (Redis).
         Returns what ``check`` returns (None, or an awaitable delaying the request)."""
-        if isinstance(answer, Deferred):
-            return self._await(answer, check, args)
+        if type(answer) is not tuple and isinstance(answer, Deferred):  # (tuple: memory's, and
+            return self._await(answer, check, args)  # no ABC check of Deferred's)
         return check(*args, answer)
 
     async def _await(self, answer: "Deferred[Any]", check: Callable[..., Any], args: Tuple[Any, ...]) -> None:
@@ -179,14 +182,16 @@ class LimitFilter:
             await delay
 
 
-def report(exchange: Exchange, names: Tuple[bytes, bytes, bytes], limit: int, remaining: int,
+def report(exchange: Exchange, names: Tuple[bytes, bytes, bytes], limit: bytes, remaining: int,
            reset: float) -> None:
-    """Set the limit headers, unless a limit with less remaining set them already."""
-    current = exchange.response_headers.get(names[1])
+    """Set the limit headers (``limit``: the limit as the header's text), unless a
+    limit with less remaining set them already."""
+    headers = exchange.response_headers
+    current = headers.get(names[1])
     if current is None or remaining < int(current):
-        exchange.response_headers[names[0]] = b"%d" % limit
-        exchange.response_headers[names[1]] = b"%d" % remaining
-        exchange.response_headers[names[2]] = b"%d" % math.ceil(reset)
+        headers[names[0]] = limit
+        headers[names[1]] = b"%d" % remaining
+        headers[names[2]] = b"%d" % math.ceil(reset)
 
 
 def too_many(kind: str, what: str, retry_after: float, limit: str) -> GatewayError:
@@ -218,16 +223,21 @@ class CountSettings:
 class CountFilter(LimitFilter):
     plugin = "limit-count"
 
+    @cached_property
+    def _limit_text(self) -> bytes:
+        """The limit, as its X-RateLimit header says it."""
+        return b"%d" % self._settings.count
+
     def filter_request(self, exchange: Exchange) -> Any:
         answer = self._store.add(self._key(exchange), self._settings.time_window, 1)
         return self._then(answer, self._check, exchange)
 
     def _check(self, exchange: Exchange, counted: Tuple[int, float]) -> None:
-        limit, window = self._settings.count, self._settings.time_window
+        limit = self._settings.count
         used, reset = counted
-        report(exchange, REQUEST_HEADERS, limit, max(0, limit - used), reset)
+        report(exchange, REQUEST_HEADERS, self._limit_text, limit - used if used < limit else 0, reset)
         if used > limit:
-            raise self._rejected("requests", f"{limit} per {window}s", reset)
+            raise self._rejected("requests", f"{limit} per {self._settings.time_window}s", reset)
 
 
 @implementer(IPlugin)
