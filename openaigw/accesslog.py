@@ -99,6 +99,13 @@ class AccessRecord:
         quoted = _QUOTED
         ttfb = self.ttfb
         upstream_status = self.upstream_status
+        if (self.retries == 0 and self.failed_attempts is None and self.error is None and self.limit is None
+                and self.cache is None and self.tokens_saved is None):
+            tail = _PLAIN_TAIL  # (most requests)
+        else:
+            tail = (f'"retries":{self.retries},"failed_attempts":{_text(self.failed_attempts)},'
+                    f'"error":{quoted[self.error]},"limit":{quoted[self.limit]},"cache":{quoted[self.cache]},'
+                    f'"tokens_saved":{_number(self.tokens_saved)}}}')
         return (
             f'{{"time":"{_iso(time.time())}","request_id":{_text(self.request_id)},'
             f'"upstream_request_id":{_text(self.upstream_request_id)},"client":{quoted[self.client]},'
@@ -109,14 +116,12 @@ class AccessRecord:
             f'"bytes_in":{self.bytes_in},"bytes_out":{self.bytes_out},'
             f'"duration_ms":{_ms(self.duration)},'
             f'"ttfb_ms":{"null" if ttfb is None else _ms(ttfb)},'
-            f'"streamed":{"true" if self.streamed else "false"},"model":{quoted[self.model]},{tokens},'
-            f'"retries":{self.retries},"failed_attempts":{_text(self.failed_attempts)},'
-            f'"error":{quoted[self.error]},"limit":{quoted[self.limit]},"cache":{quoted[self.cache]},'
-            f'"tokens_saved":{_number(self.tokens_saved)}}}'
+            f'"streamed":{"true" if self.streamed else "false"},"model":{quoted[self.model]},{tokens},{tail}'
         )
 
 
 _NO_TOKENS = '"prompt_tokens":null,"completion_tokens":null,"total_tokens":null,"tokens_estimated":null'
+_PLAIN_TAIL = '"retries":0,"failed_attempts":null,"error":null,"limit":null,"cache":null,"tokens_saved":null}'
 _escape = json.encoder.encode_basestring_ascii  # what json.dumps quotes strings with
 
 

@@ -16,18 +16,16 @@ _SWEEP_SECONDS = 10.0
 
 
 class _Sweeping:
-    """Runs ``_sweep(now)`` at most every few seconds, from the request path."""
+    """Runs ``_sweep(now)`` at most every few seconds, from the request path: each
+    operation reads the clock and, once ``_next_sweep`` is reached, calls ``_swept``."""
 
     def __init__(self, clock: Any) -> None:
         self._clock = clock
         self._next_sweep = 0.0
 
-    def _now(self) -> float:
-        now: float = self._clock.seconds()
-        if now >= self._next_sweep:
-            self._next_sweep = now + _SWEEP_SECONDS
-            self._sweep(now)
-        return now
+    def _swept(self, now: float) -> None:
+        self._next_sweep = now + _SWEEP_SECONDS
+        self._sweep(now)
 
     def _sweep(self, now: float) -> None:
         raise NotImplementedError
@@ -49,13 +47,17 @@ class MemoryWindowCounters(_Sweeping):
         return len(self._counts)
 
     def peek(self, key: str, window: float) -> Tuple[int, float]:
-        now = self._now()
+        now: float = self._clock.seconds()
+        if now >= self._next_sweep:
+            self._swept(now)
         end = (now // window + 1) * window
         stored = self._counts.get((key, window))
         return (stored[1] if stored is not None and stored[0] == end else 0), end - now
 
     def add(self, key: str, window: float, amount: int) -> Tuple[int, float]:
-        now = self._now()
+        now: float = self._clock.seconds()
+        if now >= self._next_sweep:
+            self._swept(now)
         end = (now // window + 1) * window
         entry = (key, window)
         stored = self._counts.get(entry)
@@ -82,7 +84,9 @@ class MemoryLeakyBuckets(_Sweeping):
             del self._buckets[key]
 
     def take(self, key: str, rate: float, burst: float) -> Tuple[bool, float]:
-        now = self._now()
+        now: float = self._clock.seconds()
+        if now >= self._next_sweep:
+            self._swept(now)
         stored = self._buckets.get(key)
         level = 0.0 if stored is None else max(0.0, stored[0] - rate * (now - stored[1])) + 1
         if level > burst:

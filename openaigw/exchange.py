@@ -31,8 +31,9 @@ class Exchange:
     errors included; named as :func:`openaigw.headers.stored_name` gives them), and
     register callbacks to run when the exchange is over, however it ends.
     ``strip_usage``: the gateway, not the client, asked for the stream's usage chunk,
-    which the client must not get.  ``meter`` reads the answer's
-    token usage.  ``cache`` is set when the response cache may answer the request.
+    which the client must not get.  ``meter`` reads the answer's token usage, and
+    ``used`` is what it read, once the exchange is over.  ``cache`` is set when the
+    response cache may answer the request.
     """
 
     request: GatewayRequest
@@ -46,6 +47,7 @@ class Exchange:
     response_headers: Dict[bytes, bytes] = field(default_factory=dict)
     strip_usage: bool = False
     meter: Optional[UsageMeter] = None
+    used: Optional[Usage] = None  # (set by complete: the usage, read once)
     node: Optional[str] = None  # the upstream node (last) tried
     retries: int = 0
     failures: List[str] = field(default_factory=list)  # "upstream node reason" of failed attempts
@@ -87,7 +89,9 @@ class Exchange:
         self._on_complete.append(callback)
 
     def complete(self) -> None:
-        """Run the completion callbacks (each once; one failing does not stop the rest)."""
+        """Note the answer's usage in ``used``, then run the completion callbacks (each
+        once; one failing does not stop the rest)."""
+        self.used = self.usage
         callbacks, self._on_complete = self._on_complete, []
         for callback in callbacks:
             try:

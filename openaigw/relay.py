@@ -266,7 +266,7 @@ class RouteResource(Resource):
         record.upstream_node = exchange.node
         record.retries = exchange.retries
         record.failed_attempts = "; ".join(exchange.failures) or None
-        record.usage = exchange.usage
+        record.usage = exchange.used
         exchange.context.release()
 
     async def _proxy(self, exchange: Exchange) -> None:

@@ -117,6 +117,22 @@ def test_window_counters_align_and_expire():
     assert len(counters) == 0
 
 
+def test_stores_sweep_on_any_operation_at_most_every_few_seconds():
+    """Expired windows go on the next operation of any kind once the sweep is due,
+    not before it is."""
+    from openaigw.counters import _SWEEP_SECONDS
+
+    clock = Clock()
+    counters = MemoryWindowCounters(clock)
+    counters.add("a", 1, 1)  # (the first operation sweeps: nothing yet)
+    clock.advance(2)
+    counters.add("b", 1, 1)
+    assert len(counters) == 2  # "a" is over, but the sweep is not due
+    clock.advance(_SWEEP_SECONDS)
+    counters.add("c", 100, 1)
+    assert len(counters) == 1
+
+
 def test_leaky_bucket_delays_then_rejects():
     """rate 5/s burst 2: 0, 0.2 s, 0.4 s of delay, then rejection until it drains."""
     clock = Clock()
@@ -371,6 +387,24 @@ def test_token_limit_charges_usage_and_rejects():
     assert headers_of(client.value())[b"x-ai-ratelimit-remaining-tokens"] == b"0"
     _, other = gw.client(with_key(KEY_A))  # counted per consumer
     assert other.value() == b""
+
+
+def test_the_charge_is_the_usage_the_access_record_reports():
+    """The usage is read once, when the exchange is over: the token limit charges what
+    the access record reports (an estimate, for an answer cut short, too)."""
+    gw = Gateway(TOKENS)
+    counters = gw.runtime.counters
+    gw.client(with_key(KEY_B))
+    gw.upstream(0).send(answer(completion(10, 20)))
+    gw.client(with_key(KEY_B))
+    raw = json.dumps(completion(1, 2)).encode()
+    gw.upstream(1).send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                        % len(raw) + raw[:40])
+    gw.upstream(1).protocol.connectionLost(Failure(ConnectionDone()))
+    (first, cut) = [record.usage for record in gw.records]
+    assert (first.total_tokens, first.estimated, cut.estimated) == (30, False, True)
+    used = now(counters.peek("ai-rate-limiting/route:chat|consumer=team-b", 60))[0]
+    assert used == first.total_tokens + cut.total_tokens
 
 
 def test_upstream_errors_are_not_charged():

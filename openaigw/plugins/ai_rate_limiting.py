@@ -54,8 +54,11 @@ class TokenFilter(LimitFilter):
 
     def filter_request(self, exchange: Exchange) -> Any:
         key = self._key(exchange)
+        answer = self._store.peek(key, self._settings.time_window)
+        if type(answer) is tuple:  # (memory's, at once: _then's first case, without the call)
+            return self._check(exchange, key, answer)
         # A store that cannot answer: allowed (if it is), unlimited, and nothing to charge.
-        return self._then(self._store.peek(key, self._settings.time_window), self._check, exchange, key)
+        return self._then(answer, self._check, exchange, key)
 
     def _check(self, exchange: Exchange, key: str, counted: Tuple[int, float]) -> None:
         s = self._settings
@@ -68,7 +71,7 @@ class TokenFilter(LimitFilter):
         exchange.on_complete(partial(self._charge, key))
 
     def _charge(self, key: str, exchange: Exchange) -> None:
-        usage = exchange.usage
+        usage = exchange.used
         if usage is None:
             return  # no answer from the upstream: nothing was generated
         tokens = usage.get(self._settings.strategy)

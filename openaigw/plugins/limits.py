@@ -230,6 +230,8 @@ class CountFilter(LimitFilter):
 
     def filter_request(self, exchange: Exchange) -> Any:
         answer = self._store.add(self._key(exchange), self._settings.time_window, 1)
+        if type(answer) is tuple:  # (memory's, at once: _then's first case, without the call)
+            return self._check(exchange, answer)
         return self._then(answer, self._check, exchange)
 
     def _check(self, exchange: Exchange, counted: Tuple[int, float]) -> None:
