@@ -11,7 +11,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
@@ -70,12 +70,15 @@ def _ask_for_usage(exchange: Exchange) -> None:
         exchange.headers.setRawHeaders(b"accept-encoding", [b"identity"])  # strippable
 
 
-def _gather_head_read(request: GatewayRequest, response: IResponse) -> None:
+def _gather_head_read(exchange: Exchange, response: IResponse) -> None:
     """What the client gets from the upstream read that brought ``response``'s head
     (the head, and a stream's first events if they came with it) goes out in one
     send: the client connection's writes are held until that read has been passed
-    on, never longer (see :mod:`openaigw.writethrough`)."""
-    channel = request.channel
+    on, never longer (see :mod:`openaigw.writethrough`).  (A body of known length
+    sent as such needs none of this: its first write carries the head.)"""
+    if response.length is not UNKNOWN_LENGTH and not exchange.strip_usage:
+        return
+    channel = exchange.request.channel
     if channel is None or not writethrough.hold(channel.transport):
         return
     after = getattr(response, "after_head_read", None)
@@ -355,7 +358,7 @@ class RouteResource(Resource):
         await self._deliver(exchange, response, upstream, node, flight, None, streamed)
 
     async def _relay(self, exchange: Exchange, response: IResponse, upstream: Upstream, node: Node) -> None:
-        _gather_head_read(exchange.request, response)
+        _gather_head_read(exchange, response)
         try:
             head = self._upstream_head(exchange, response)
             streamed = self.send_head(exchange, head, response.length)
