@@ -291,13 +291,7 @@ def streams(port: int, n: int, kind: str, chunks: int, spread: float, timeout: f
     socks: List[socket.socket] = []
     poller = select.epoll()
     try:
-        for i in range(n):
-            if i % 25 == 24:  # paced: a listen backlog of 50 (Twisted's default) overflows
-                time.sleep(0.005)  # and costs a 1 s SYN retransmission
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
-            socks.append(sock)
+        _connect_all(port, n, socks)
         index = {sock.fileno(): i for i, sock in enumerate(socks)}
         reads: List[List[Tuple[float, bytes]]] = [[] for _ in socks]
         sent = [0.0] * n
@@ -347,6 +341,59 @@ def streams(port: int, n: int, kind: str, chunks: int, spread: float, timeout: f
             pass
         responses.append(response)
     return _stream_stats(responses, chunks)
+
+
+def _connect_all(port: int, n: int, socks: List[socket.socket]) -> None:
+    """Open *n* connections (appended to *socks*), non-blocking, with TCP_NODELAY."""
+    for i in range(n):
+        if i % 25 == 24:  # paced: a listen backlog of 50 (Twisted's default) overflows
+            time.sleep(0.005)  # and costs a 1 s SYN retransmission
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        socks.append(sock)
+
+
+def first_bytes(port: int, n: int, kind: str, spread: float, timeout: float) -> Dict:
+    """The burst of :func:`streams` (*n* of its requests on pre-opened connections,
+    sent evenly over *spread* seconds), timing each answer's first byte only: for a
+    server that does not stream (Twisted's hello-world Site: the floor of taking and
+    answering such a burst at all)."""
+    raise_nofile()
+    request = build_request(port, kind)
+    socks: List[socket.socket] = []
+    poller = select.epoll()
+    ttfb: List[float] = []
+    ok = 0
+    try:
+        _connect_all(port, n, socks)
+        index = {sock.fileno(): i for i, sock in enumerate(socks)}
+        sent = [0.0] * n
+        start = time.time()
+        deadline, due = start + spread + timeout, 0
+        while len(ttfb) < n and time.time() < deadline:
+            now = time.time()
+            while due < n and start + due * spread / n <= now:
+                poller.register(socks[due].fileno(), select.EPOLLIN)
+                sent[due] = time.time()
+                socks[due].send(request)
+                due += 1
+            wait = start + due * spread / n - now if due < n else deadline - now
+            for fd, _ in poller.poll(max(0.0, min(wait, 0.5))):
+                i = index[fd]
+                try:
+                    data = socks[i].recv(262144)
+                except OSError:
+                    data = b""
+                ttfb.append(time.time() - sent[i])
+                ok += data.startswith(b"HTTP/1.1 200")
+                poller.unregister(fd)
+    finally:
+        poller.close()
+        for sock in socks:
+            sock.close()
+    return {"streams": n, "answered": ok,
+            "ttfb_p50_ms": percentile(ttfb, 50) * 1e3, "ttfb_p99_ms": percentile(ttfb, 99) * 1e3}
 
 
 def _stream_stats(responses: List[Response], chunks: int) -> Dict:
