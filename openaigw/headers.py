@@ -8,7 +8,7 @@ call, a dozen times a request.
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet
+from typing import Dict, FrozenSet, List, Optional
 
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
@@ -43,6 +43,48 @@ def stored_name(name: bytes) -> bytes:
 
 remembered_name = _STORED.get
 """``stored_name(name)`` if ``name`` was asked before (so is a token), else None."""
+
+
+def _sent_name(key: bytes) -> bytes:
+    """How this Twisted writes the header stored under ``key``: asked of Headers itself."""
+    probe = Headers()
+    probe._rawHeaders = {key: [b""]}
+    return next(iter(probe.getAllRawHeaders()))[0]
+
+
+# Whether Headers stores names as they are written (canonical Header-Case, from
+# Twisted 22.8), or in lower case to be capitalised when written (22.4).
+_STORED_AS_SENT = _sent_name(stored_name(b"x-request-id")) == stored_name(b"x-request-id")
+_SENT: Dict[bytes, bytes] = {}  # stored names -> as written (lower-case storage only)
+
+
+def sent_name(key: bytes) -> bytes:
+    """The name Twisted's ``HTTPChannel.writeHeaders`` writes for the header stored
+    under ``key`` (a key of ``Headers._rawHeaders``)."""
+    if _STORED_AS_SENT:
+        return key
+    name = _SENT.get(key)
+    if name is None:
+        name = _sent_name(key)
+        if len(_SENT) < _MAX_STORED:
+            _SENT[key] = name
+    return name
+
+
+def serialize_head(status_line: bytes, fields: Dict[bytes, List[bytes]]) -> Optional[bytes]:
+    """An answer's head as Twisted's ``HTTPChannel.writeHeaders`` writes it:
+    ``status_line`` (with its CRLF), then each of ``fields`` (``Headers._rawHeaders``)
+    in order, then the blank line; in one join.  None if a line would hold a CR or
+    LF of its own: such a head is left to Twisted's path (which cleans the values)."""
+    if _STORED_AS_SENT:
+        lines = [b"%s: %s\r\n" % (name, value) for name, values in fields.items() for value in values]
+    else:
+        lines = [b"%s: %s\r\n" % (sent_name(name), value) for name, values in fields.items() for value in values]
+    head = b"".join([status_line, *lines, b"\r\n"])
+    breaks = len(lines) + 2
+    if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
+        return None
+    return head
 
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what the upstream client and Site write themselves.

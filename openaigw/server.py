@@ -12,7 +12,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder, _IdentityTransferDecoder, datetimeToString
+from twisted.web.http import (
+    NO_BODY_CODES, HTTPChannel, _ChunkedTransferDecoder, _IdentityTransferDecoder, datetimeToString,
+)
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -22,12 +24,16 @@ from openaigw.config import GatewayConfig
 from openaigw.context import RequestContext
 from openaigw.descriptors import DEFAULT_MAX_CONNECTIONS
 from openaigw.head import HEAD_END, MAX_HEAD_SIZE, InvalidHead, RequestHead, head_too_large, parse_head
-from openaigw.headers import stored_name
+from openaigw.headers import serialize_head, stored_name
 from openaigw.telemetry import Telemetry
 
 log = Logger()
 _DISCARD_SECONDS = 1.0
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+_CONTENT_LENGTH = stored_name(b"content-length")
+_DATE = stored_name(b"date")
+_TRANSFER_ENCODING = stored_name(b"transfer-encoding")
+_X_REQUEST_ID = stored_name(b"x-request-id")
 _CONNECTION = stored_name(b"connection")
 _CLOSE = b"close"
 
@@ -333,10 +339,14 @@ class _Refusal(Protocol):
 
 def request_id(headers: Any) -> bytes:
     """The client's ``X-Request-Id`` if it is sane, else a new one."""
-    given = headers.getRawHeaders(b"x-request-id")
+    given = headers._rawHeaders.get(_X_REQUEST_ID)
     if given and _REQUEST_ID.fullmatch(given[0]):
         return given[0]
     return _RANDOM.take(16).hex().encode("ascii")  # 128 random bits, as a uuid4 has
+
+
+def _no_body(data: bytes) -> None:
+    """A bodiless answer's writes, once its head is out: dropped (as Twisted does)."""
 
 
 class GatewayRequest(Request):
@@ -402,9 +412,9 @@ class GatewayRequest(Request):
         self.receiving = False
         self._describe(self.method, self.path)
         site = self.site = self._site
-        headers = self.responseHeaders
-        headers.setRawHeaders(b"date", [site.http_date()])
-        headers.setRawHeaders(b"x-request-id", [self.context.record.request_id.encode("ascii")])
+        fields = self.responseHeaders._rawHeaders  # (the gateway's own values: see openaigw.headers)
+        fields[_DATE] = [site.http_date()]
+        fields[_X_REQUEST_ID] = [self.context.record.request_id.encode("ascii")]
         self.prepath = []
         self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
         if self.path == b"*":
@@ -431,14 +441,50 @@ class GatewayRequest(Request):
             return
         record = self.context.record
         record.ttfb = self._site.clock.seconds() - record.started
-        # Twisted writes the head, then the body's first bytes: one send for both.
-        transport = channel.transport
-        held = writethrough.hold(transport)
-        try:
-            super().write(data)
-        finally:
-            if held:
-                writethrough.release(transport)
+        head = self._head()
+        if head is None:  # Twisted's path: the head, then the body's first bytes, in one send
+            transport = channel.transport
+            held = writethrough.hold(transport)
+            try:
+                super().write(data)
+            finally:
+                if held:
+                    writethrough.release(transport)
+            return
+        if self.method == b"HEAD" or self.code in NO_BODY_CODES:
+            self.write = _no_body  # type: ignore[method-assign]  # (as Twisted's)
+            channel.transport.write(head)
+            return
+        self.sentLength += len(data)
+        if data and self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        channel.transport.write(head + data if data else head)
+
+    def _head(self) -> Optional[bytes]:
+        """The answer's head, as Twisted's ``Request.write`` would write it (chunked
+        framing for an HTTP/1.1 answer with a body and no Content-Length), in one
+        piece; ``startedWriting`` is then set.  None, and nothing changed, for what
+        only Twisted's path does (an ETag, Last-Modified or cookies of its own, a
+        resource encoder, a HEAD answered as a GET, a value with a line break, a
+        request over or gone)."""
+        if (self.finished or self._disconnected or self._encoder or self._inFakeHead or self.cookies
+                or self.etag is not None or self.lastModified is not None):
+            return None
+        fields = self.responseHeaders._rawHeaders
+        chunked = (
+            self.clientproto == b"HTTP/1.1" and _CONTENT_LENGTH not in fields
+            and self.method != b"HEAD" and self.code not in NO_BODY_CODES
+        )
+        if chunked:
+            fields[_TRANSFER_ENCODING] = [b"chunked"]
+        head = serialize_head(b"%s %d %s\r\n" % (self.clientproto, self.code, self.code_message), fields)
+        if head is None:
+            if chunked:
+                del fields[_TRANSFER_ENCODING]  # (Twisted's path adds its own)
+            return None
+        self.startedWriting = 1
+        self.chunked = int(chunked)
+        return head
 
     def finish(self) -> None:
         self._on_lost = None
