@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -13,6 +14,10 @@ JSON_COPY_LIMIT = 16 << 20  # bytes of a JSON answer kept to read its usage
 EVENT_LIMIT = 1 << 20  # an unfinished event longer than this: stop looking (estimate)
 DECODE_LIMIT = 1 << 20  # bytes one compressed read may expand to before we stop looking
 _NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
+_DECODER = json.JSONDecoder()
+_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+_KEY_END = re.compile(r'[ \t\n\r]*:[ \t\n\r]*')
+_UNSURE = object()
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,63 @@ def _usage_of(answer: Any) -> Optional[Usage]:
     if usage is None and isinstance(answer.get("response"), dict):
         usage = _parse_usage(answer["response"].get("usage"))
     return usage
+
+
+def _last_usage(body: bytes) -> Any:
+    """The ``usage`` member of the JSON object ``body``, found without parsing all of
+    it: the last ``"usage"`` in the text, if it is a key whose value and the members
+    after it close the top-level object (so, in a valid document, the top-level
+    object's last ``usage``).  None when the text names no ``usage`` at all (nor
+    could, with escapes); ``_UNSURE`` when only a whole parse can tell.  (What comes
+    before the member is not checked: an answer malformed only there is still
+    metered by its own count.)"""
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None if body.find(b"\\u") < 0 else _UNSURE  # ("us\u0061ge" is "usage" too)
+    before = at - 1
+    while before >= 0 and body[before] in b" \t\n\r":
+        before -= 1
+    if before < 0 or body[before] not in b"{,":  # not a key (or in a string: \"usage")
+        return _UNSURE
+    try:
+        text = body[at:].decode("utf-8", "surrogatepass")  # (an ASCII quote: never mid-character)
+        colon = _KEY_END.match(text, 7)
+        if colon is None:
+            return _UNSURE
+        usage, end = _DECODER.raw_decode(text, colon.end())
+        while True:  # the members after it, then the end of the top-level object
+            end = _WS.match(text, end).end()
+            if text[end:end + 1] == "}":
+                return usage if _WS.match(text, end + 1).end() == len(text) else _UNSURE
+            if text[end:end + 1] != ",":
+                return _UNSURE
+            key, end = _DECODER.raw_decode(text, _WS.match(text, end + 1).end())
+            colon = _KEY_END.match(text, end)
+            if not isinstance(key, str) or key == "usage" or colon is None:
+                return _UNSURE
+            _, end = _DECODER.raw_decode(text, colon.end())
+    except (ValueError, RecursionError):
+        return _UNSURE
+
+
+def _json_usage(body: bytes) -> Optional[Usage]:
+    """The usage of a JSON answer (``_usage_of`` the parsed answer), from its
+    top-level ``usage`` member alone when :func:`_last_usage` finds it."""
+    if body[:4].find(b"\x00") >= 0 or body[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        found: Any = _UNSURE  # UTF-16 or 32 (as json.loads detects it)
+    else:
+        found = _last_usage(body)
+    if found is None:
+        return None
+    if found is not _UNSURE:
+        usage = _parse_usage(found)
+        if usage is not None:
+            return usage
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return _usage_of(answer)
 
 
 def _parse_usage(value: Any) -> Optional[Usage]:
@@ -196,11 +258,7 @@ class UsageMeter:
     def finish(self, complete: bool) -> bytes:
         """The body ended (``complete``: cleanly); return any bytes still to relay."""
         if self._json and complete:
-            try:
-                answer = json.loads(b"".join(self._copy))
-            except (ValueError, RecursionError):
-                answer = None
-            self._found = _usage_of(answer)
+            self._found = _json_usage(b"".join(self._copy))
         self._copy = []
         return self._splitter.rest() if self._strip and complete else b""
 
