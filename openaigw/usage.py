@@ -15,8 +15,13 @@ EVENT_LIMIT = 1 << 20  # an unfinished event longer than this: stop looking (est
 DECODE_LIMIT = 1 << 20  # bytes one compressed read may expand to before we stop looking
 _NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
 _DECODER = json.JSONDecoder()
-_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
-_KEY_END = re.compile(r'[ \t\n\r]*:[ \t\n\r]*')
+_KEY_END = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")  # (JSON's whitespace)
+# What may follow a top-level member for :func:`_last_usage` to be sure: members with
+# plain keys and scalar values (as JSON's grammar has them), then the object's end.
+_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9A-Fa-f]{4})*"'
+_SCALAR = _STRING + r"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null"
+_LAST_MEMBERS = re.compile(
+    r'(?:[ \t\n\r]*,[ \t\n\r]*"[^"\\\x00-\x1f]*"[ \t\n\r]*:[ \t\n\r]*(?:%s))*[ \t\n\r]*\}[ \t\n\r]*' % _SCALAR)
 _UNSURE = object()
 
 
@@ -91,8 +96,8 @@ def _usage_of(answer: Any) -> Optional[Usage]:
 def _last_usage(body: bytes) -> Any:
     """The ``usage`` member of the JSON object ``body``, found without parsing all of
     it: the last ``"usage"`` in the text, if it is a key whose value and the members
-    after it close the top-level object (so, in a valid document, the top-level
-    object's last ``usage``).  None when the text names no ``usage`` at all (nor
+    after it (plain keys, scalar values) close the top-level object (so, in a valid
+    document, the top-level object's last ``usage``).  None when the text names no ``usage`` at all (nor
     could, with escapes); ``_UNSURE`` when only a whole parse can tell.  (What comes
     before the member is not checked: an answer malformed only there is still
     metered by its own count.)"""
@@ -110,19 +115,10 @@ def _last_usage(body: bytes) -> Any:
         if colon is None:
             return _UNSURE
         usage, end = _DECODER.raw_decode(text, colon.end())
-        while True:  # the members after it, then the end of the top-level object
-            end = _WS.match(text, end).end()
-            if text[end:end + 1] == "}":
-                return usage if _WS.match(text, end + 1).end() == len(text) else _UNSURE
-            if text[end:end + 1] != ",":
-                return _UNSURE
-            key, end = _DECODER.raw_decode(text, _WS.match(text, end + 1).end())
-            colon = _KEY_END.match(text, end)
-            if not isinstance(key, str) or key == "usage" or colon is None:
-                return _UNSURE
-            _, end = _DECODER.raw_decode(text, colon.end())
     except (ValueError, RecursionError):
         return _UNSURE
+    # (Keys after it are plain: none is "usage" spelled with escapes.)
+    return usage if _LAST_MEMBERS.fullmatch(text, end) else _UNSURE
 
 
 def _json_usage(body: bytes) -> Optional[Usage]:

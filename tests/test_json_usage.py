@@ -39,6 +39,9 @@ DOCUMENTS = {
     "no usage": {"id": "x", "choices": []},
     "unicode around": {"content": "héllo \u2028 😀", "usage": OTHER, "after": "ü"},
     "not an object": [{"usage": OTHER}],
+    "scalars of every kind after": {"usage": OTHER, "a": -1.5e-3, "b": 0, "c": True, "d": False, "e": None,
+                                    "f": "tab\t \"quoted\" \\ / \u00e9 😀", "g": ""},
+    "a string after that looks like an end": {"usage": OTHER, "a": "} ,\"usage\": {}"},
 }
 
 
@@ -73,6 +76,10 @@ SPELLED = {
     "deep after": b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "x": ' + b"[" * 100000 + b"]" * 100000 + b"}",
     "empty": b"",
     "not JSON": b"usage",
+    "a control character after": b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "x": "a\x01"}',
+    "a bad number after": b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "x": 01}',
+    "an escaped pair after": b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "x": "\\ud83d\\ude00"}',
+    "a bad escape after": b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "x": "\\x"}',
 }
 
 
