@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from openaigw.headers import stored_name
+from openaigw.headers import remembered_name, stored_name
 from openaigw.http_syntax import TOKEN_BYTES
 
 log = Logger()
@@ -41,6 +41,9 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 _KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|[,;])\s*timeout\s*=\s*\"?([0-9]{1,9})", re.IGNORECASE)
 
 _CONTENT_LENGTH = stored_name(b"content-length")
+_TRANSFER_ENCODING = stored_name(b"transfer-encoding")
+_CONNECTION = stored_name(b"connection")
+_KEEP_ALIVE = stored_name(b"keep-alive")
 
 # The end of every whole body (shared, as Twisted shares connectionDone: a Failure
 # made per answer costs a look through its exception's classes).
@@ -73,14 +76,9 @@ class NoConnectionFree(Exception):
 
 def serialize_request(method: bytes, path: bytes, headers: Headers, body: Optional[bytes]) -> bytes:
     """The request head; with ``Content-Length`` when ``body`` is not None."""
-    lines = [b"%s %s HTTP/1.1" % (method, path)]
-    for name, values in headers.getAllRawHeaders():
-        for value in values:
-            lines.append(name + b": " + value)
-    if body is not None:
-        lines.append(b"Content-Length: %d" % len(body))
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    lines = [b"%s: %s\r\n" % (name, value) for name, values in headers.getAllRawHeaders() for value in values]
+    length = b"Content-Length: %d\r\n" % len(body) if body is not None else b""
+    return b"".join([b"%s %s HTTP/1.1\r\n" % (method, path), *lines, length, b"\r\n"])
 
 
 class ParsedHead(NamedTuple):
@@ -119,35 +117,35 @@ def parse_head(head: bytes, head_only: bool) -> Optional[ParsedHead]:
     if code < 200:
         return None  # an interim answer: the real one follows
     raw: Dict[bytes, List[bytes]] = {}  # as Headers._rawHeaders
-    lengths: List[bytes] = []
-    codings: List[bytes] = []
-    close = version != b"HTTP/1.1"
-    keep_alive = None
     for line in lines[1:]:
         line = line.rstrip(b"\r")
         name, colon, value = line.partition(b":")
-        if not colon or not TOKEN_BYTES.fullmatch(name):
-            raise InvalidResponse(f"bad header line {line[:100]!r}")
+        key = remembered_name(name)  # (a name remembered is a token)
+        if key is None or not colon:
+            if not colon or not TOKEN_BYTES.fullmatch(name):
+                raise InvalidResponse(f"bad header line {line[:100]!r}")
+            key = stored_name(name)  # one list whatever the case
         value = value.strip(b" \t")
         if b"\r" in value:  # (a bare CR: a space, as Headers.setRawHeaders would make it)
             value = b" ".join(value.splitlines())
-        lower = name.lower()
-        key = stored_name(lower)  # one list whatever the case
         values = raw.get(key)
         if values is None:
             raw[key] = [value]
         else:
             values.append(value)
-        if lower == b"content-length":
-            lengths.extend(v.strip() for v in value.split(b","))
-        elif lower == b"transfer-encoding":
-            codings.extend(c for c in (c.strip(b" \t").lower() for c in value.split(b",")) if c)
-        elif lower == b"connection":
-            close = close or b"close" in (t.strip(b" \t").lower() for t in value.split(b","))
-        elif lower == b"keep-alive":
-            match = _KEEP_ALIVE_TIMEOUT.search(value)
-            if match:
-                keep_alive = int(match.group(1))
+    # The fields that frame the body and say whether the connection stays (each
+    # line of a field in turn, whatever the case of its name).
+    lengths = [v.strip() for value in raw.get(_CONTENT_LENGTH, ()) for v in value.split(b",")]
+    codings = [c for value in raw.get(_TRANSFER_ENCODING, ())
+               for c in (c.strip(b" \t").lower() for c in value.split(b",")) if c]
+    close = version != b"HTTP/1.1"
+    for value in raw.get(_CONNECTION, ()):
+        close = close or b"close" in (t.strip(b" \t").lower() for t in value.split(b","))
+    keep_alive = None
+    for value in raw.get(_KEEP_ALIVE, ()):
+        match = _KEEP_ALIVE_TIMEOUT.search(value)
+        if match:
+            keep_alive = int(match.group(1))
     if lengths:
         if len(set(lengths)) != 1 or not _DIGITS.fullmatch(lengths[0]):
             raise InvalidResponse(f"bad Content-Length {b','.join(lengths)[:100]!r}")

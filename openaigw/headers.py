@@ -124,10 +124,10 @@ def _end_to_end(headers: Headers, excluded: FrozenSet[bytes], underscores: bool)
     dropped = _dropped(headers, excluded)
     out = Headers()
     # Copied as stored, each name in the case this Twisted keeps it in.
-    kept = out._rawHeaders
-    for name, values in headers._rawHeaders.items():
-        if name.lower() not in dropped and (underscores or b"_" not in name):
-            kept[name] = list(values)
+    out._rawHeaders = {
+        name: list(values) for name, values in headers._rawHeaders.items()
+        if name.lower() not in dropped and (underscores or b"_" not in name)
+    }
     return out
 
 

@@ -863,3 +863,37 @@ def test_gateway_max_connections_queues():
     assert gw.records[-1].error == "upstream_busy"
     upstream.send(ok(b"{}", b"Content-Type: application/json\r\n"))
     assert second.value().startswith(b"HTTP/1.1 200") and len(gw.connects()) == 1
+
+
+
+@pytest.mark.parametrize("lines, fields", [
+    (b"A:1\nB:  2  \r\nC:\t3\t\nD:\r\nE: a \t b", [(b"a", [b"1"]), (b"b", [b"2"]), (b"c", [b"3"]), (b"d", [b""]),
+                                                    (b"e", [b"a \t b"])]),
+    (b"Set-Cookie: a=1\r\nset-cookie: b=2\r\nSET-COOKIE: c=3", [(b"set-cookie", [b"a=1", b"b=2", b"c=3"])]),
+    (b"X-Odd: a\rb\r\nY: 1", [(b"x-odd", [b"a b"]), (b"y", [b"1"])]),  # a CR of its own: a space
+    (b"X-Odd: a\r\r\nY: 1", [(b"x-odd", [b"a"]), (b"y", [b"1"])]),
+])
+def test_header_lines_as_stored(lines, fields):
+    head = parse_head(b"HTTP/1.1 204 No Content\r\n" + lines, False)
+    assert [(name, head.headers.getRawHeaders(name)) for name, _ in fields] == fields
+    assert len(list(head.headers.getAllRawHeaders())) == len(fields)
+
+
+@pytest.mark.parametrize("lines", [b"X: 1\r\nbad line", b"X: 1\r\n: no name", b"X Y: 1", b"X : 1",
+                                   b"X: 1\r\n Folded", b"X\x00: 1", b"Content-Type\r\nX: 1"])
+def test_lines_that_are_no_header_refused(lines):
+    with pytest.raises(InvalidResponse):
+        parse_head(b"HTTP/1.1 200 OK\r\n" + lines, False)
+
+
+def test_parse_head_reads_repeated_fields_in_order():
+    head = parse_head(
+        b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nKeep-Alive: timeout=9\r\nContent-Length: 5\r\n"
+        b"CONNECTION: Close\r\nkeep-alive: max=3\r\nkeep-alive: timeout=4\r\ncontent-length: 5, 5", False)
+    assert (head.framing, head.persistent, head.keep_alive) == (5, False, 4)
+    assert head.headers.getRawHeaders(b"connection") == [b"keep-alive", b"Close"]
+    assert head.headers.getRawHeaders(b"content-length") == [b"5"]
+    with pytest.raises(InvalidResponse):
+        parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 6", False)
+    with pytest.raises(InvalidResponse):
+        parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\ntransfer-encoding: gzip", False)
