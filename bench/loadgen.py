@@ -25,7 +25,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 _STAMP = b"chatcmpl-bench-"
 _CHAT_BODY = (b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":'
@@ -286,16 +286,55 @@ def streams(port: int, n: int, kind: str, chunks: int, spread: float, timeout: f
     load generator stays far from being the bottleneck; responses are parsed after
     the run, each read with its arrival time.
     """
+    reads: List[List[Tuple[float, bytes]]] = [[] for _ in range(n)]
+    failed: Dict[int, Response] = {}  # streams whose answer is not a 200 stream
+
+    def read(i: int, data: bytes, now: float) -> bool:
+        if not data:
+            return True
+        stream = reads[i]
+        stream.append((now, data))
+        if len(stream) == 1 and not data.startswith(b"HTTP/1.1 200"):
+            failed[i] = Response()
+        if i in failed:
+            return failed[i].feed(data, now)
+        # The last chunk may come alone: look across the previous read.
+        tail = data if len(data) >= 7 or len(stream) == 1 else stream[-2][1] + data
+        return tail.endswith(b"\r\n0\r\n\r\n")
+
+    sent = _burst(port, n, build_request(port, kind), spread, timeout, read)
+    responses = []
+    for i, stream in enumerate(reads):
+        response = Response(sse=True, sent=sent[i])
+        try:
+            for at, data in stream:
+                if response.feed(data, at):
+                    break
+        except ValueError:
+            pass
+        responses.append(response)
+    return _stream_stats(responses, chunks)
+
+
+def _burst(port: int, n: int, request: bytes, spread: float, timeout: float,
+           read: Callable[[int, bytes, float], bool]) -> List[float]:
+    """Open *n* connections, then send *request* on each, evenly over *spread* seconds;
+    hand each read (``b""`` at the end) to ``read(i, data, now)`` until it returns True
+    for that connection, for at most *timeout* seconds after the last send.  Returns
+    each request's send time."""
     raise_nofile()
-    request = build_request(port, kind)
     socks: List[socket.socket] = []
     poller = select.epoll()
+    sent = [0.0] * n
     try:
-        _connect_all(port, n, socks)
+        for i in range(n):
+            if i % 25 == 24:  # paced: a listen backlog of 50 (Twisted's default) overflows
+                time.sleep(0.005)  # and costs a 1 s SYN retransmission
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            socks.append(sock)
         index = {sock.fileno(): i for i, sock in enumerate(socks)}
-        reads: List[List[Tuple[float, bytes]]] = [[] for _ in socks]
-        sent = [0.0] * n
-        failed: Dict[int, Response] = {}  # streams whose answer is not a 200 stream
         start = time.time()
         deadline, due, pending = start + spread + timeout, 0, n
         while pending and time.time() < deadline:
@@ -312,46 +351,14 @@ def streams(port: int, n: int, kind: str, chunks: int, spread: float, timeout: f
                     data = socks[i].recv(262144)
                 except OSError:
                     data = b""
-                now = time.time()
-                if data:
-                    stream = reads[i]
-                    stream.append((now, data))
-                    if len(stream) == 1 and not data.startswith(b"HTTP/1.1 200"):
-                        failed[i] = Response()
-                    if i in failed:
-                        done = failed[i].feed(data, now)
-                    else:  # the last chunk may come alone: look across the previous read
-                        tail = data if len(data) >= 7 or len(stream) == 1 else stream[-2][1] + data
-                        done = tail.endswith(b"\r\n0\r\n\r\n")
-                if not data or done:
+                if read(i, data, time.time()):
                     poller.unregister(fd)
                     pending -= 1
     finally:
         poller.close()
         for sock in socks:
             sock.close()
-    responses = []
-    for i, stream in enumerate(reads):
-        response = Response(sse=True, sent=sent[i])
-        try:
-            for at, data in stream:
-                if response.feed(data, at):
-                    break
-        except ValueError:
-            pass
-        responses.append(response)
-    return _stream_stats(responses, chunks)
-
-
-def _connect_all(port: int, n: int, socks: List[socket.socket]) -> None:
-    """Open *n* connections (appended to *socks*), non-blocking, with TCP_NODELAY."""
-    for i in range(n):
-        if i % 25 == 24:  # paced: a listen backlog of 50 (Twisted's default) overflows
-            time.sleep(0.005)  # and costs a 1 s SYN retransmission
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
-        socks.append(sock)
+    return sent
 
 
 def first_bytes(port: int, n: int, kind: str, spread: float, timeout: float) -> Dict:
@@ -359,39 +366,15 @@ def first_bytes(port: int, n: int, kind: str, spread: float, timeout: float) -> 
     sent evenly over *spread* seconds), timing each answer's first byte only: for a
     server that does not stream (Twisted's hello-world Site: the floor of taking and
     answering such a burst at all)."""
-    raise_nofile()
-    request = build_request(port, kind)
-    socks: List[socket.socket] = []
-    poller = select.epoll()
-    ttfb: List[float] = []
-    ok = 0
-    try:
-        _connect_all(port, n, socks)
-        index = {sock.fileno(): i for i, sock in enumerate(socks)}
-        sent = [0.0] * n
-        start = time.time()
-        deadline, due = start + spread + timeout, 0
-        while len(ttfb) < n and time.time() < deadline:
-            now = time.time()
-            while due < n and start + due * spread / n <= now:
-                poller.register(socks[due].fileno(), select.EPOLLIN)
-                sent[due] = time.time()
-                socks[due].send(request)
-                due += 1
-            wait = start + due * spread / n - now if due < n else deadline - now
-            for fd, _ in poller.poll(max(0.0, min(wait, 0.5))):
-                i = index[fd]
-                try:
-                    data = socks[i].recv(262144)
-                except OSError:
-                    data = b""
-                ttfb.append(time.time() - sent[i])
-                ok += data.startswith(b"HTTP/1.1 200")
-                poller.unregister(fd)
-    finally:
-        poller.close()
-        for sock in socks:
-            sock.close()
+    first: Dict[int, Tuple[float, bytes]] = {}
+
+    def read(i: int, data: bytes, now: float) -> bool:
+        first[i] = (now, data)
+        return True
+
+    sent = _burst(port, n, build_request(port, kind), spread, timeout, read)
+    ttfb = [now - sent[i] for i, (now, _) in first.items()]
+    ok = sum(data.startswith(b"HTTP/1.1 200") for _, data in first.values())
     return {"streams": n, "answered": ok,
             "ttfb_p50_ms": percentile(ttfb, 50) * 1e3, "ttfb_p99_ms": percentile(ttfb, 99) * 1e3}
 
