@@ -199,18 +199,9 @@ def test_hold_is_a_no_op_without_write_through(connection):
 def test_an_answer_in_one_read_goes_out_in_one_send(connection):
     """The gateway writes an answer that came in one upstream read (head, and a body
     with Content-Length) to the client in one send."""
-    from twisted.internet.address import IPv4Address
+    from tests.memory import post, response
 
-    from tests.memory import Gateway, post, response
-
-    conn, peer, _ = connection
-    gw = Gateway()
-    channel = gw.site.buildProtocol(None)
-    conn.protocol = channel
-    conn.socket = counting = _CountingSocket(conn.socket)
-    conn.getPeer = lambda: IPv4Address("TCP", "192.0.2.7", 50000)
-    conn.getHost = lambda: IPv4Address("TCP", "127.0.0.1", 9080)
-    channel.makeConnection(conn)
+    gw, channel, counting, peer = _gateway_on(connection)
     body = b'{"id": "chatcmpl-1"}'
     for _ in range(2):  # (the second on the kept-alive connections)
         before = counting.sends
@@ -225,10 +216,11 @@ _SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Enc
 _EVENT = b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n'
 
 
-def _stream_client(connection):
+def _gateway_on(connection):
+    """A gateway channel on the real client connection, its sends counted."""
     from twisted.internet.address import IPv4Address
 
-    from tests.memory import Gateway, post
+    from tests.memory import Gateway
 
     conn, peer, _ = connection
     gw = Gateway()
@@ -238,6 +230,13 @@ def _stream_client(connection):
     conn.getPeer = lambda: IPv4Address("TCP", "192.0.2.7", 50000)
     conn.getHost = lambda: IPv4Address("TCP", "127.0.0.1", 9080)
     channel.makeConnection(conn)
+    return gw, channel, counting, peer
+
+
+def _stream_client(connection):
+    from tests.memory import post
+
+    gw, channel, counting, peer = _gateway_on(connection)
     channel.dataReceived(post(b"/v1/chat/completions", b'{"model": "m", "stream": true}'))
     return gw, counting, peer
 
