@@ -158,10 +158,3 @@ def response_headers(upstream: Headers) -> Headers:
     for name in [name for name in fields if name.lower() in dropped]:
         del fields[name]
     return upstream
-
-
-def set_own(headers: Headers, name: bytes, value: bytes) -> None:
-    """``headers.setRawHeaders(name, [value])`` for a header the gateway makes itself
-    (a name from our own code, a value with no line breaks): stored as this Twisted
-    stores it (:func:`stored_name`), not encoded and sanitised again for every request."""
-    headers._rawHeaders[stored_name(name)] = [value]
