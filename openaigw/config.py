@@ -33,17 +33,23 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Node:
-    """One upstream server."""
+    """One upstream server.  ``address`` is ``host:port`` as written in logs (IPv6
+    hosts in brackets).  (A node is a key of several per-request lookups: its hash,
+    like its address, is worked out once.)"""
 
     host: str
     port: int
     weight: int
+    address: str = field(init=False, compare=False, repr=False)
+    _hash: int = field(init=False, compare=False, repr=False)
 
-    @property
-    def address(self) -> str:
-        """``host:port`` as written in logs (IPv6 hosts in brackets)."""
+    def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        object.__setattr__(self, "address", f"{host}:{self.port}")
+        object.__setattr__(self, "_hash", hash((self.host, self.port, self.weight)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True)

@@ -62,11 +62,12 @@ class UpstreamChain:
         :meth:`_unavailable` when no upstream could be tried.
         """
         tried = False
+        last = len(self.upstreams) - 1
         for index, upstream in enumerate(self.upstreams):
             if not upstream.usable():
                 exchange.failed_attempt(upstream.config.name, None, "unavailable")
                 continue
-            if not upstream.can_map(exchange) and self._later(index, exchange):
+            if index < last and not upstream.can_map(exchange) and self._later(index, exchange):
                 exchange.failed_attempt(upstream.config.name, None, "no_deployment")
                 continue
             if tried:

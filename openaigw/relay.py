@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, List, Optional, Sequence
+from typing import Any, Coroutine, List, Optional, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -123,7 +123,12 @@ class BodyRelay(Protocol):
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
-        self._arm()
+
+    def watch(self) -> None:
+        """Start timing the upstream, unless the body has ended already (it may have
+        come whole with the head: then no timer is set at all)."""
+        if not self.done.called:
+            self._arm()
 
     def _arm(self) -> None:
         """Time a new wait from now."""
@@ -141,7 +146,7 @@ class BodyRelay(Protocol):
         self._request.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # type: ignore[assignment]
-        if self._timer.active():
+        if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self.done.called:  # cancelled: the client is gone
             return
@@ -254,9 +259,21 @@ class RouteResource(Resource):
     async def _handle(self, exchange: Exchange) -> None:
         """Proxy ``exchange``; whatever happens, then report it."""
         try:
-            await self._proxy(exchange)
+            try:
+                if self._request_filters:
+                    await run_filters(self._request_filters, exchange)
+                if self._upstreams.stream_usage:
+                    _ask_for_usage(exchange)
+                if exchange.cache is not None:  # from the cache, or fetched through it
+                    await exchange.cache.serve(exchange, self)
+                    return
+                response, upstream, node = await self._upstreams.send(exchange)
+            except errors.GatewayError as e:
+                errors.write_error(exchange.request, e, exchange.response_headers)
+                return
+            await self._relay(exchange, response, upstream, node)
         except CancelledError:
-            pass  # the client left; the upstream request was cancelled with it
+            pass  # the client left; what was awaited (the upstream request or body) was cancelled
         except Exception:
             self._failed(Failure(), exchange)
         finally:
@@ -271,20 +288,6 @@ class RouteResource(Resource):
         record.failed_attempts = "; ".join(exchange.failures) or None
         record.usage = exchange.used
         exchange.context.release()
-
-    async def _proxy(self, exchange: Exchange) -> None:
-        try:
-            await run_filters(self._request_filters, exchange)
-            if self._upstreams.stream_usage:
-                _ask_for_usage(exchange)
-            if exchange.cache is not None:  # from the cache, or fetched through it
-                await exchange.cache.serve(exchange, self)
-                return
-            response, upstream, node = await self._upstreams.send(exchange)
-        except errors.GatewayError as e:
-            errors.write_error(exchange.request, e, exchange.response_headers)
-            return
-        await self._relay(exchange, response, upstream, node)
 
     @property
     def timeout(self) -> float:
@@ -357,7 +360,10 @@ class RouteResource(Resource):
             raise
         await self._deliver(exchange, response, upstream, node, flight, None, streamed)
 
-    async def _relay(self, exchange: Exchange, response: IResponse, upstream: Upstream, node: Node) -> None:
+    def _relay(
+        self, exchange: Exchange, response: IResponse, upstream: Upstream, node: Node,
+    ) -> Coroutine[Any, Any, None]:
+        """Send the answer's head to the client; what relays its body, to be awaited."""
         _gather_head_read(exchange, response)
         try:
             head = self._upstream_head(exchange, response)
@@ -368,7 +374,7 @@ class RouteResource(Resource):
         except Exception:  # a bug: the body must not pile up unread in the response
             response.deliverBody(Discard())
             raise
-        await self._deliver(exchange, response, upstream, node, exchange.request, meter, streamed)
+        return self._deliver(exchange, response, upstream, node, exchange.request, meter, streamed)
 
     async def _deliver(
         self, exchange: Exchange, response: IResponse, upstream: Upstream, node: Node, client: Any,
@@ -380,6 +386,7 @@ class RouteResource(Resource):
             client, self._clock, upstream.config.timeout_read, meter, self._cut(exchange, upstream, node)
         )
         response.deliverBody(relay)
+        relay.watch()
         if streamed:
             self._telemetry.stream_opened(self.name)
         try:

@@ -416,7 +416,8 @@ class GatewayRequest(Request):
         fields[_DATE] = [site.http_date()]
         fields[_X_REQUEST_ID] = [self.context.record.request_id.encode("ascii")]
         self.prepath = []
-        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        segments = self.path[1:].split(b"/")
+        self.postpath = list(map(unquote_to_bytes, segments)) if b"%" in self.path else segments
         if self.path == b"*":
             self._handleStar()  # (Twisted's answer to OPTIONS *)
             return
