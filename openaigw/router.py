@@ -72,7 +72,6 @@ class Router(Resource):
         return found
 
     def render(self, request: GatewayRequest) -> Any:
-        request.responseHeaders.removeHeader(b"server")
         path = request.context.path = normalize(request.path)  # what routes forward upstream
         if _ambiguous(path):
             errors.write_error(
@@ -144,4 +143,6 @@ def _ambiguous(path: bytes) -> bool:
     which the gateway matched to a prefix)."""
     if b"%2F" in path or b"%5C" in path or b"\\" in path:
         return True
+    if b"." not in path and b"%" not in path:
+        return False  # (no dot segment, even once decoded)
     return any(segment in (b".", b"..") for segment in unquote_to_bytes(path).split(b"/"))
