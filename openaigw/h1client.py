@@ -39,6 +39,10 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _PLAIN_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})\r\n")  # no extension, no blanks
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|[,;])\s*timeout\s*=\s*\"?([0-9]{1,9})", re.IGNORECASE)
+# The bytes a head may hold once its CRLFs are LFs (RFC 9112 4, RFC 9110 5.5: a
+# status line and field lines are HTAB, SP, VCHAR and obs-text): no CR of its own,
+# no NUL or other control byte.
+_HEAD_TEXT = b"\t\n" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 
 _CONTENT_LENGTH = stored_name(b"content-length")
 _TRANSFER_ENCODING = stored_name(b"transfer-encoding")
@@ -99,12 +103,18 @@ def parse_head(head: bytes, head_only: bool) -> Optional[ParsedHead]:
     was HEAD, so no body follows whatever the headers say.
 
     Raises :class:`InvalidResponse` for a head this client will not relay: a bad
-    status line or header line, conflicting or malformed lengths, or any
+    status line or header line, a CR not followed by LF or a control byte other
+    than TAB anywhere (a phrase or value holding one could split the client's
+    answer; RFC 9110 5.5 lets a recipient refuse the message), conflicting or
+    malformed lengths, or any
     ``Transfer-Encoding`` other than ``chunked`` (the gateway would pass the coded
     body on as if it were plain).  ``Content-Length`` is left as one number.
     """
+    head = head.replace(b"\r\n", b"\n")
+    if head.translate(None, _HEAD_TEXT):  # (what is left is what may not be there)
+        raise InvalidResponse(f"a CR of its own or a control byte in the head {head[:100]!r}")
     lines = head.split(b"\n")
-    status = lines[0].rstrip(b"\r")
+    status = lines[0]
     version, _, rest = status.partition(b" ")
     code_bytes, _, phrase = rest.partition(b" ")
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or not (
@@ -118,7 +128,6 @@ def parse_head(head: bytes, head_only: bool) -> Optional[ParsedHead]:
         return None  # an interim answer: the real one follows
     raw: Dict[bytes, List[bytes]] = {}  # as Headers._rawHeaders
     for line in lines[1:]:
-        line = line.rstrip(b"\r")
         name, colon, value = line.partition(b":")
         key = remembered_name(name)  # (a name remembered is a token)
         if key is None or not colon:
@@ -126,8 +135,6 @@ def parse_head(head: bytes, head_only: bool) -> Optional[ParsedHead]:
                 raise InvalidResponse(f"bad header line {line[:100]!r}")
             key = stored_name(name)  # one list whatever the case
         value = value.strip(b" \t")
-        if b"\r" in value:  # (a bare CR: a space, as Headers.setRawHeaders would make it)
-            value = b" ".join(value.splitlines())
         values = raw.get(key)
         if values is None:
             raw[key] = [value]

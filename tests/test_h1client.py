@@ -541,11 +541,17 @@ def test_bytes_after_body_not_reusable(answer):
     assert call.transport.disconnecting and not h.ask().reused
 
 
-@pytest.mark.parametrize("answer", (b"NOT HTTP\r\n\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n"
-                                    b"\r\n5\r\nhello\r\n0\r\n\r\n"), ids=("garbage", "chunked then gzip"))
+@pytest.mark.parametrize("answer", (
+    b"NOT HTTP\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\rX-Injected: 1\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nX-A: a\rX-Injected: 1\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\x00\r\nContent-Length: 2\r\n\r\nok",
+), ids=("garbage", "chunked then gzip", "CR in phrase", "CR in value", "NUL in phrase"))
 def test_gateway_invalid_upstream_answer_is_502(answer):
-    """Garbage from an upstream, or a body coded in a way it would pass on as plain:
-    502 bad_gateway, upstream_invalid_response, not sent elsewhere."""
+    """Garbage from an upstream, a body coded in a way it would pass on as plain, or a
+    head with a bare CR or NUL that would split the client's answer: 502 bad_gateway,
+    upstream_invalid_response, not sent elsewhere, nothing of the upstream's head sent."""
     gw = Gateway()
     _, client = gw.client(post(b"/v1/chat/completions", b'{"model": "m"}'))
     gw.upstream().send(answer)
@@ -554,6 +560,7 @@ def test_gateway_invalid_upstream_answer_is_502(answer):
     assert json.loads(raw.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_gateway"
     assert gw.records[0].error == "upstream_invalid_response"
     assert gw.requests_sent() == 1
+    assert b"X-Injected" not in raw and b"\x00" not in raw
 
 
 @pytest.mark.parametrize("head_only, answer", (
@@ -870,8 +877,7 @@ def test_gateway_max_connections_queues():
     (b"A:1\nB:  2  \r\nC:\t3\t\nD:\r\nE: a \t b", [(b"a", [b"1"]), (b"b", [b"2"]), (b"c", [b"3"]), (b"d", [b""]),
                                                     (b"e", [b"a \t b"])]),
     (b"Set-Cookie: a=1\r\nset-cookie: b=2\r\nSET-COOKIE: c=3", [(b"set-cookie", [b"a=1", b"b=2", b"c=3"])]),
-    (b"X-Odd: a\rb\r\nY: 1", [(b"x-odd", [b"a b"]), (b"y", [b"1"])]),  # a CR of its own: a space
-    (b"X-Odd: a\r\r\nY: 1", [(b"x-odd", [b"a"]), (b"y", [b"1"])]),
+    (b"X-Text: caf\xc3\xa9 \x80\xff ~!", [(b"x-text", [b"caf\xc3\xa9 \x80\xff ~!"])]),  # obs-text kept
 ])
 def test_header_lines_as_stored(lines, fields):
     head = parse_head(b"HTTP/1.1 204 No Content\r\n" + lines, False)
@@ -884,6 +890,39 @@ def test_header_lines_as_stored(lines, fields):
 def test_lines_that_are_no_header_refused(lines):
     with pytest.raises(InvalidResponse):
         parse_head(b"HTTP/1.1 200 OK\r\n" + lines, False)
+
+
+# A CR of its own, a NUL or another control byte (TAB aside) where HTTP allows none:
+# passed on, one in the status phrase or a value would split the client's answer.
+CONTROL_HEADS = {
+    "CR in phrase": b"HTTP/1.1 200 OK\rX-Injected: 1\r\nContent-Length: 0",
+    "CR ending phrase": b"HTTP/1.1 200 OK\r\r\nContent-Length: 0",
+    "CR in value": b"HTTP/1.1 200 OK\r\nX-A: a\rX-Injected: 1\r\nContent-Length: 0",
+    "CR ending value": b"HTTP/1.1 200 OK\r\nX-A: a\r\r\nContent-Length: 0",
+    "CR ending head": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r",
+    "CR starting line": b"HTTP/1.1 200 OK\r\n\rContent-Length: 0",
+    "NUL in phrase": b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0",
+    "NUL in value": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0",
+    "VT in value": b"HTTP/1.1 200 OK\r\nX-A: a\x0bb\r\nContent-Length: 0",
+    "ESC in phrase": b"HTTP/1.1 200 \x1b[31mOK\r\nContent-Length: 0",
+    "DEL in value": b"HTTP/1.1 200 OK\r\nX-A: a\x7f\r\nContent-Length: 0",
+    "CR in interim answer": b"HTTP/1.1 100 Continue\rX-Injected: 1",
+}
+
+
+@pytest.mark.parametrize("head", CONTROL_HEADS.values(), ids=CONTROL_HEADS.keys())
+def test_control_bytes_in_head_refused(head):
+    """A bare CR, a NUL or another control byte in the status line or a field line
+    makes the head invalid (CRLF, bare LF and TAB are what may be there)."""
+    with pytest.raises(InvalidResponse):
+        parse_head(head, False)
+
+
+def test_tabs_and_bare_line_feeds_in_head_kept():
+    """TAB in the phrase and inside a value is text; LF alone ends a line as CRLF does."""
+    head = parse_head(b"HTTP/1.1 200 All\tOK\nX-A: a\tb\r\nX-B: c", False)
+    assert head.phrase == b"All\tOK"
+    assert head.headers.getRawHeaders(b"x-a") == [b"a\tb"] and head.headers.getRawHeaders(b"x-b") == [b"c"]
 
 
 def test_parse_head_reads_repeated_fields_in_order():

@@ -172,6 +172,25 @@ def test_chunked_then_gzip_is_502(gateway):
     assert len(upstream.requests) == 1
 
 
+def test_bare_cr_in_status_phrase_is_502(gateway):
+    """A status phrase with a CR of its own (which would start a header line of the
+    upstream's making in the client's answer) is an invalid answer: 502, nothing of it sent."""
+    upstream = RawUpstream(lambda number, request: answer().replace(b" OK\r\n", b" OK\rSet-Cookie: injected=1\r\n", 1))
+    port = gateway(upstream)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
+        raw = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            raw += data
+    assert raw.startswith(b"HTTP/1.1 502 ") and b"injected" not in raw
+    assert json.loads(raw.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_gateway"
+    assert len(upstream.requests) == 1
+
+
 def test_connection_half_closed_while_idle_is_not_reused(gateway):
     """An upstream that shuts its side of a kept-alive connection after answering: the
     gateway drops that connection, and the next POST goes on a new one."""
