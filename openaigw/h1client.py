@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from openaigw.headers import remembered_name, stored_name
+from openaigw.headers import add_field_lines, remembered_name, stored_name
 from openaigw.http_syntax import TOKEN_BYTES
 
 log = Logger()
@@ -80,9 +80,12 @@ class NoConnectionFree(Exception):
 
 def serialize_request(method: bytes, path: bytes, headers: Headers, body: Optional[bytes]) -> bytes:
     """The request head; with ``Content-Length`` when ``body`` is not None."""
-    lines = [b"%s: %s\r\n" % (name, value) for name, values in headers.getAllRawHeaders() for value in values]
-    length = b"Content-Length: %d\r\n" % len(body) if body is not None else b""
-    return b"".join([b"%s %s HTTP/1.1\r\n" % (method, path), *lines, length, b"\r\n"])
+    parts = [b"%s %s HTTP/1.1\r\n" % (method, path)]
+    add_field_lines(parts, headers._rawHeaders)
+    if body is not None:
+        parts.append(b"Content-Length: %d\r\n" % len(body))
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 class ParsedHead(NamedTuple):

@@ -71,17 +71,30 @@ def sent_name(key: bytes) -> bytes:
     return name
 
 
+def add_field_lines(parts: List[bytes], fields: Dict[bytes, List[bytes]]) -> None:
+    """Add the lines of ``fields`` (``Headers._rawHeaders``), named as Twisted writes
+    them, to ``parts`` in pieces: name, ``: ``, value, CRLF (one join of the pieces
+    costs less than formatting each line)."""
+    for name, values in fields.items():
+        if not _STORED_AS_SENT:
+            name = sent_name(name)
+        if len(values) == 1:
+            parts += (name, b": ", values[0], b"\r\n")
+        else:
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+
+
 def serialize_head(status_line: bytes, fields: Dict[bytes, List[bytes]]) -> Optional[bytes]:
     """An answer's head as Twisted's ``HTTPChannel.writeHeaders`` writes it:
     ``status_line`` (with its CRLF), then each of ``fields`` (``Headers._rawHeaders``)
     in order, then the blank line; in one join.  None if a line would hold a CR or
     LF of its own: such a head is left to Twisted's path (which cleans the values)."""
-    if _STORED_AS_SENT:
-        lines = [b"%s: %s\r\n" % (name, value) for name, values in fields.items() for value in values]
-    else:
-        lines = [b"%s: %s\r\n" % (sent_name(name), value) for name, values in fields.items() for value in values]
-    head = b"".join([status_line, *lines, b"\r\n"])
-    breaks = len(lines) + 2
+    parts = [status_line]
+    add_field_lines(parts, fields)
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    breaks = (len(parts) - 2) // 4 + 2  # the status line's, each field line's, the blank line's
     if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
         return None
     return head
