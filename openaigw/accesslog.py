@@ -86,8 +86,8 @@ class AccessRecord:
         """:meth:`fields` as the JSON that ``json.dumps(..., separators=(",", ":"))``
         writes, without building the dict (a test holds the two to the same text).
         Strings go through json's own escaping (remembered for the values that
-        repeat: routes, upstreams, clients...); numbers are ints and floats, whose
-        ``str`` is their JSON."""
+        repeat: routes, upstreams, clients..., and the run of them a route's requests
+        share); numbers are ints and floats, whose ``str`` is their JSON."""
         usage = self.usage
         if usage is None:
             tokens = _NO_TOKENS
@@ -97,8 +97,9 @@ class AccessRecord:
                       f'"total_tokens":{usage.total_tokens},'
                       f'"tokens_estimated":{"true" if usage.estimated else "false"}')
         quoted = _QUOTED
+        routed = _ROUTED[self.consumer, self.route, self.method, self.path, self.status, self.upstream,
+                         self.upstream_node, self.upstream_status]
         ttfb = self.ttfb
-        upstream_status = self.upstream_status
         if (self.retries == 0 and self.failed_attempts is None and self.error is None and self.limit is None
                 and self.cache is None and self.tokens_saved is None):
             tail = _PLAIN_TAIL  # (most requests)
@@ -109,10 +110,7 @@ class AccessRecord:
         return (
             f'{{"time":"{_iso(time.time())}","request_id":{_text(self.request_id)},'
             f'"upstream_request_id":{_text(self.upstream_request_id)},"client":{quoted[self.client]},'
-            f'"consumer":{quoted[self.consumer]},"route":{quoted[self.route]},'
-            f'"method":{quoted[self.method]},"path":{quoted[self.path]},"status":{self.status},'
-            f'"upstream":{quoted[self.upstream]},"upstream_node":{quoted[self.upstream_node]},'
-            f'"upstream_status":{"null" if upstream_status is None else upstream_status},'
+            f'{routed}'
             f'"bytes_in":{self.bytes_in},"bytes_out":{self.bytes_out},'
             f'"duration_ms":{_ms(self.duration)},'
             f'"ttfb_ms":{"null" if ttfb is None else _ms(ttfb)},'
@@ -144,6 +142,25 @@ class _Quoted(Dict[Optional[str], str]):
 
 
 _QUOTED = _Quoted()
+
+
+class _Routed(_Quoted):
+    """The line's text from ``consumer`` to ``upstream_status`` (with its comma), by
+    those values: the same for most requests of a route.  Bounded as :class:`_Quoted`."""
+
+    def __missing__(self, values: Any) -> str:  # type: ignore[override]
+        consumer, route, method, path, status, upstream, node, upstream_status = values
+        quoted = _QUOTED
+        text = (f'"consumer":{quoted[consumer]},"route":{quoted[route]},"method":{quoted[method]},'
+                f'"path":{quoted[path]},"status":{status},"upstream":{quoted[upstream]},'
+                f'"upstream_node":{quoted[node]},'
+                f'"upstream_status":{"null" if upstream_status is None else upstream_status},')
+        if len(self) < self.LIMIT:
+            self[values] = text
+        return text
+
+
+_ROUTED = _Routed()
 
 
 def _number(value: Optional[int]) -> str:

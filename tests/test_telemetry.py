@@ -304,13 +304,14 @@ def test_json_line_quotes_every_value_even_once_its_memory_is_full(monkeypatch):
     """Remembered JSON texts are bounded, and values beyond the bound are still quoted."""
     import openaigw.accesslog as accesslog
 
-    quoted = accesslog._Quoted()
+    quoted, routed = accesslog._Quoted(), accesslog._Routed()
     monkeypatch.setattr(accesslog._Quoted, "LIMIT", 2)
     monkeypatch.setattr(accesslog, "_QUOTED", quoted)
-    for path in ("/v1/a", '/v1/"b"', "/v1/\u00e9", "/v1/a"):
+    monkeypatch.setattr(accesslog, "_ROUTED", routed)
+    for path in ("/v1/a", '/v1/"b"', "/v1/\u00e9", "/v1/a", "/v1/c"):
         line = AccessRecord(started=0.0, path=path).json_line()
         assert json.loads(line)["path"] == path
-    assert len(quoted) == 2
+    assert len(quoted) == 2 and len(routed) == 2
 
 
 def test_access_log_time_is_utc_to_the_millisecond(monkeypatch):
