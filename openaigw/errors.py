@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import TYPE_CHECKING, List, Mapping, Optional
 
 from twisted.web.http import NO_BODY_CODES
 
@@ -43,7 +43,7 @@ class GatewayError(Exception):
 
 
 def write_error(
-    request: GatewayRequest, error: GatewayError, extra: Optional[Mapping[bytes, bytes]] = None
+    request: GatewayRequest, error: GatewayError, extra: Optional[Mapping[bytes, List[bytes]]] = None
 ) -> None:
     """Send ``error`` as the whole response and finish the request; ``extra`` headers
     (a limit's X-RateLimit-*, say) go with it."""
@@ -61,8 +61,8 @@ def write_error(
         headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
     for name, value in error.headers.items():
         headers.setRawHeaders(name.encode("ascii"), [value.encode("latin-1")])
-    for raw_name, raw_value in (extra or {}).items():
-        headers.setRawHeaders(raw_name, [raw_value])
+    for raw_name, raw_values in (extra or {}).items():
+        headers.setRawHeaders(raw_name, raw_values)
     if request.method != b"HEAD" and body:
         request.write(body)
     request.finish()

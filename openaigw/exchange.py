@@ -28,7 +28,8 @@ class Exchange:
     ``method``, ``path`` (with its query string), ``headers`` and ``body`` are what will
     be sent upstream; request filters change them in place.  Filters also name the
     ``consumer``, add ``response_headers`` (sent with the answer, the gateway's own
-    errors included; named as :func:`openaigw.headers.stored_name` gives them), and
+    errors included; named as :func:`openaigw.headers.stored_name` gives them, each
+    with its list of values as ``Headers._rawHeaders`` holds them), and
     register callbacks to run when the exchange is over, however it ends.
     ``strip_usage``: the gateway, not the client, asked for the stream's usage chunk,
     which the client must not get.  ``meter`` reads the answer's token usage, and
@@ -44,7 +45,7 @@ class Exchange:
     headers: Headers
     body: bytes
     consumer: Optional[str] = None
-    response_headers: Dict[bytes, bytes] = field(default_factory=dict)
+    response_headers: Dict[bytes, List[bytes]] = field(default_factory=dict)
     strip_usage: bool = False
     meter: Optional[UsageMeter] = None
     used: Optional[Usage] = None  # (set by complete: the usage, read once)

@@ -301,8 +301,7 @@ class RouteResource(Resource):
         headers = head.headers
         code = head.code
         fields = headers._rawHeaders  # (see openaigw.headers)
-        for name, value in exchange.response_headers.items():  # (the gateway's own, stored names)
-            fields[name] = [value]
+        fields.update(exchange.response_headers)  # (the gateway's own, under stored names)
         request = exchange.request
         request.setResponseCode(code, head.phrase)
         dated = request.responseHeaders._rawHeaders.get(_DATE)  # (GatewayRequest.process's)

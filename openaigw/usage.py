@@ -33,10 +33,6 @@ class Usage(NamedTuple):
     total_tokens: int
     estimated: bool = False
 
-    def get(self, strategy: str) -> int:
-        """The count ai-rate-limiting charges: total_tokens, prompt_tokens or completion_tokens."""
-        return int(getattr(self, strategy))
-
 
 def ask_for_usage(body: Dict[str, Any]) -> bool:
     """Make a streaming chat or completions request ask for the usage chunk; True if it

@@ -144,7 +144,7 @@ class CachedRequest:
 
     def _say(self, exchange: Exchange, status: str) -> None:
         """Answer with ``X-Cache-Status: status`` (and note it in the access record)."""
-        exchange.response_headers[STATUS] = status.upper().encode("ascii")
+        exchange.response_headers[STATUS] = [status.upper().encode("ascii")]
         exchange.context.record.cache = status
 
     async def serve(self, exchange: Exchange, relay: Any) -> None:
@@ -169,7 +169,7 @@ class CachedRequest:
     async def _replay(self, exchange: Exchange, relay: Any, entry: Entry) -> None:
         self._say(exchange, "hit")
         age = max(0.0, self._responses.clock.seconds() - entry.created)
-        exchange.response_headers[_AGE] = b"%d" % math.floor(age)
+        exchange.response_headers[_AGE] = [b"%d" % math.floor(age)]
         head = Head(entry.status, b"OK", Headers())
         for name, value in entry.headers:
             head.headers.addRawHeader(name, value)

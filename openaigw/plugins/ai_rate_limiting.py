@@ -20,6 +20,7 @@ from openaigw.config import PluginOptions
 from openaigw.exchange import Exchange
 from openaigw.headers import stored_name
 from openaigw.interfaces import IPlugin, IRequestFilter
+from openaigw.usage import Usage
 from openaigw.plugins.limits import (
     TOKEN_HEADERS,
     LimitFilter,
@@ -52,8 +53,13 @@ class TokenFilter(LimitFilter):
         """The limit, as its X-AI-RateLimit header says it."""
         return b"%d" % self._settings.limit
 
+    @cached_property
+    def _counted(self) -> int:
+        """Where the usage holds the count charged (its strategy's field)."""
+        return Usage._fields.index(self._settings.strategy)
+
     def filter_request(self, exchange: Exchange) -> Any:
-        key = self._key(exchange)
+        key = self._shared or self._consumer_keys.get(exchange.consumer) or self._key(exchange)  # (see _key)
         answer = self._store.peek(key, self._settings.time_window)
         if type(answer) is tuple:  # (memory's, at once: _then's first case, without the call)
             return self._check(exchange, key, answer)
@@ -68,13 +74,13 @@ class TokenFilter(LimitFilter):
             raise self._rejected("tokens", f"{s.limit} {s.strategy} per {s.time_window}s", reset, "tokens")
         # Usage is read from the bytes as they pass: ask for them uncompressed.
         exchange.headers._rawHeaders[_ACCEPT_ENCODING] = [b"identity"]  # (see openaigw.headers)
-        exchange.on_complete(partial(self._charge, key))
+        exchange._on_complete.append(partial(self._charge, key))  # (on_complete's, without the call)
 
     def _charge(self, key: str, exchange: Exchange) -> None:
         usage = exchange.used
         if usage is None:
             return  # no answer from the upstream: nothing was generated
-        tokens = usage.get(self._settings.strategy)
+        tokens = usage[self._counted]
         if tokens <= 0:
             return
         # Charged after the answer: gateways sharing a budget may overshoot it by what

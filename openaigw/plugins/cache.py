@@ -59,7 +59,7 @@ class CacheFilter:
         no_cache, no_store = client_directives(exchange)
         key = None if no_store or exchange.method != b"POST" else self._key(exchange)
         if key is None:
-            exchange.response_headers[STATUS] = b"BYPASS"
+            exchange.response_headers[STATUS] = [b"BYPASS"]
             exchange.context.record.cache = "bypass"
             return
         # Stored answers are replayed to any client of the scope, event by event: plain.

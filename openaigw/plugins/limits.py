@@ -139,6 +139,8 @@ class LimitFilter:
         self._consumer_keys: Dict[str, str] = {}  # consumer -> its counter's name, made once
 
     def _key(self, exchange: Exchange) -> str:
+        """The name of ``exchange``'s counter.  (The hot path tries ``_shared`` and
+        ``_consumer_keys`` itself before calling this: one call less a request.)"""
         if self._shared is not None:
             return self._shared
         consumer = exchange.consumer
@@ -188,10 +190,10 @@ def report(exchange: Exchange, names: Tuple[bytes, bytes, bytes], limit: bytes, 
     limit with less remaining set them already."""
     headers = exchange.response_headers
     current = headers.get(names[1])
-    if current is None or remaining < int(current):
-        headers[names[0]] = limit
-        headers[names[1]] = b"%d" % remaining
-        headers[names[2]] = b"%d" % math.ceil(reset)
+    if current is None or remaining < int(current[0]):
+        headers[names[0]] = [limit]
+        headers[names[1]] = [b"%d" % remaining]
+        headers[names[2]] = [b"%d" % math.ceil(reset)]
 
 
 def too_many(kind: str, what: str, retry_after: float, limit: str) -> GatewayError:
@@ -229,7 +231,8 @@ class CountFilter(LimitFilter):
         return b"%d" % self._settings.count
 
     def filter_request(self, exchange: Exchange) -> Any:
-        answer = self._store.add(self._key(exchange), self._settings.time_window, 1)
+        key = self._shared or self._consumer_keys.get(exchange.consumer) or self._key(exchange)  # (see _key)
+        answer = self._store.add(key, self._settings.time_window, 1)
         if type(answer) is tuple:  # (memory's, at once: _then's first case, without the call)
             return self._check(exchange, answer)
         return self._then(answer, self._check, exchange)
