@@ -109,8 +109,9 @@ HOP_BY_HOP: FrozenSet[bytes] = frozenset(
 )
 # What the gateway itself tells the upstream: never taken from a client, on any route.
 GATEWAY_OWNED: FrozenSet[bytes] = frozenset((b"x-consumer-username", b"x-forwarded-proto", b"x-forwarded-host"))
-_NOT_FORWARDED = HOP_BY_HOP | GATEWAY_OWNED | {b"host", b"content-length", b"expect"}
-_NOT_RETURNED = HOP_BY_HOP | {b"content-length"}
+# (As stored: see _dropped.)
+_NOT_FORWARDED = frozenset(map(stored_name, HOP_BY_HOP | GATEWAY_OWNED | {b"host", b"content-length", b"expect"}))
+_NOT_RETURNED = frozenset(map(stored_name, HOP_BY_HOP | {b"content-length"}))
 _CONNECTION = stored_name(b"connection")
 _HOST = stored_name(b"host")
 _X_FORWARDED_FOR = stored_name(b"x-forwarded-for")
@@ -127,20 +128,28 @@ def connection_tokens(headers: Headers) -> FrozenSet[bytes]:
 
 
 def _dropped(headers: Headers, excluded: FrozenSet[bytes]) -> FrozenSet[bytes]:
-    """``excluded`` and what ``headers``' Connection names (lower case)."""
+    """``excluded`` (stored names) and the names ``headers``' Connection lists, as
+    stored: Headers keys every name as :func:`stored_name` does, the same for every
+    case of it, so a set of stored names finds them at C speed.  (What is not a token
+    names no header.)"""
     if _CONNECTION not in headers._rawHeaders:
         return excluded
-    return excluded | connection_tokens(headers)
+    listed = [stored_name(token) for token in connection_tokens(headers) if TOKEN_BYTES.fullmatch(token)]
+    return excluded.union(listed)
 
 
-def _end_to_end(headers: Headers, excluded: FrozenSet[bytes], underscores: bool) -> Headers:
-    dropped = _dropped(headers, excluded)
+def _forwarded(headers: Headers, underscores: bool) -> Headers:
+    """A copy of ``headers`` less what is not forwarded (and names with an underscore,
+    unless ``underscores``), each name as stored (the case this Twisted keeps it in)."""
+    fields = headers._rawHeaders
     out = Headers()
-    # Copied as stored, each name in the case this Twisted keeps it in.
-    out._rawHeaders = {
-        name: list(values) for name, values in headers._rawHeaders.items()
-        if name.lower() not in dropped and (underscores or b"_" not in name)
-    }
+    copied = dict(zip(fields, map(list, fields.values())))  # (copied whole, then the few dropped)
+    for name in _dropped(headers, _NOT_FORWARDED).intersection(copied):
+        del copied[name]
+    if not underscores and b"_" in b"".join(copied):
+        for name in [name for name in copied if b"_" in name]:
+            del copied[name]
+    out._rawHeaders = copied
     return out
 
 
@@ -150,7 +159,7 @@ def request_headers(request: IRequest, scheme: bytes, client: str, underscores: 
     an underscore are dropped unless ``underscores`` (as nginx does by default: an
     upstream may read ``X_Consumer_Username`` as ``X-Consumer-Username``)."""
     received = request.requestHeaders._rawHeaders
-    out = _end_to_end(request.requestHeaders, _NOT_FORWARDED, underscores)
+    out = _forwarded(request.requestHeaders, underscores)
     fields = out._rawHeaders
     if client:
         address = client.encode("ascii")
@@ -166,8 +175,7 @@ def request_headers(request: IRequest, scheme: bytes, client: str, underscores: 
 def response_headers(upstream: Headers) -> Headers:
     """The upstream's end-to-end response headers: ``upstream`` itself, its hop-by-hop
     headers removed (the answer's headers are the gateway's to change: no copy)."""
-    dropped = _dropped(upstream, _NOT_RETURNED)
     fields = upstream._rawHeaders
-    for name in [name for name in fields if name.lower() in dropped]:
+    for name in _dropped(upstream, _NOT_RETURNED).intersection(fields):
         del fields[name]
     return upstream

@@ -93,6 +93,20 @@ def test_response_passes_through():
     assert raw.endswith(b'{"a": 1}')
 
 
+def test_headers_named_by_connection_are_dropped_both_ways():
+    """What a Connection header lists is hop-by-hop, in any case, toward the upstream
+    and back to the client; a listed word that is no header name drops nothing else."""
+    gw = Gateway()
+    _, client = gw.client(post(CHAT, BODY, b"Connection: x-PRIVATE, no\x7fname\r\nX-Private: 1\r\nX-Kept: 2\r\n"))
+    upstream = gw.upstream()
+    sent = head_of(upstream.received()).lower()
+    assert b"x-private" not in sent and b"connection: x-private" not in sent and b"x-kept: 2" in sent
+    upstream.send(response(b"200 OK", b"Connection: keep-alive, X-Secret-Hop\r\nx-secret-hop: s\r\n"
+                           b"X-Other: o\r\n", b"{}"))
+    head = head_of(client.value()).lower()
+    assert b"x-secret-hop" not in head and b"x-other: o" in head
+
+
 def test_upstream_errors_pass_through_unchanged():
     """A 429 from the upstream reaches the client as it was."""
     gw = Gateway()
