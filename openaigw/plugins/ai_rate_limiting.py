@@ -20,7 +20,6 @@ from openaigw.config import PluginOptions
 from openaigw.exchange import Exchange
 from openaigw.headers import stored_name
 from openaigw.interfaces import IPlugin, IRequestFilter
-from openaigw.usage import Usage
 from openaigw.plugins.limits import (
     TOKEN_HEADERS,
     LimitFilter,
@@ -30,6 +29,7 @@ from openaigw.plugins.limits import (
     report,
     required_number,
 )
+from openaigw.usage import Usage
 
 log = Logger()
 STRATEGIES = ("total_tokens", "prompt_tokens", "completion_tokens")
