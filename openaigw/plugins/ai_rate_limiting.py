@@ -74,7 +74,7 @@ class TokenFilter(LimitFilter):
             raise self._rejected("tokens", f"{s.limit} {s.strategy} per {s.time_window}s", reset, "tokens")
         # Usage is read from the bytes as they pass: ask for them uncompressed.
         exchange.headers._rawHeaders[_ACCEPT_ENCODING] = [b"identity"]  # (see openaigw.headers)
-        exchange._on_complete.append(partial(self._charge, key))  # (on_complete's, without the call)
+        exchange.on_complete(partial(self._charge, key))
 
     def _charge(self, key: str, exchange: Exchange) -> None:
         usage = exchange.used
