@@ -744,7 +744,7 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="DIR", default="",
                         help="also run the gateway from this source tree (a checkout of an older "
                              "commit) as openaigw-before, in the main table")
-    parser.add_argument("--only", choices=("state", "workers", "health"), help="run this workload only")
+    parser.add_argument("--only", choices=("streams", "state", "workers", "health"), help="run this workload only")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
@@ -768,8 +768,10 @@ def main() -> None:
             bench.rounds("tput", bench.throughput)
             bench.rounds("rate", bench.fixed_rate, bench.relays)
             # (twisted-site: only how soon it answers the same bursts of requests)
+        if args.only in (None, "streams"):
             bench.rounds("fast", bench.fast_streams, bench.relays + ("twisted-site",))
             bench.rounds("slow", bench.slow_streams, bench.relays + ("twisted-site",))
+        if args.only is None:
             bench.rounds("feat", bench.throughput, FEATURE_TARGETS, plan.feature_rounds)
             bench.rounds("hitcpu", bench.throughput, CACHE_TARGETS)
             bench.rounds("cstream", bench.cache_streams, CACHE_TARGETS[1:])
@@ -790,10 +792,11 @@ def main() -> None:
     finally:
         bench.stop()
     text, medians = table(bench)
-    if args.only is None:
+    if args.only in (None, "streams"):
         print(f"\nmedians of {plan.rounds} round(s); +X = X - direct; "
               f"total {time.monotonic() - started:.0f}s\n")
         print(text)
+    if args.only is None:
         print("\n" + features_table(bench))
         print("\n" + cache_table(bench))
     if args.only in (None, "health"):

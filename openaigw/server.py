@@ -20,6 +20,7 @@ from twisted.web.server import Request, Site
 
 from openaigw import errors, writethrough
 from openaigw.accesslog import AccessRecord
+from openaigw.admission import Admission
 from openaigw.config import GatewayConfig
 from openaigw.context import RequestContext
 from openaigw.descriptors import DEFAULT_MAX_CONNECTIONS
@@ -407,10 +408,16 @@ class GatewayRequest(Request):
         record.bytes_in = self._received
 
     def process(self) -> None:
-        """Twisted's, less what a proxy has no use for: its Server header, a Date
-        formatted for every request (once a second here), resource encoders."""
+        """Twisted's (in the site's turn for new requests: see openaigw.admission),
+        less what a proxy has no use for: its Server header, a Date formatted for
+        every request (once a second here), resource encoders."""
         self.receiving = False
         self._describe(self.method, self.path)
+        self._site.admission.run(self._process)
+
+    def _process(self) -> None:
+        if self._disconnected:  # the client left while its request waited for a turn
+            return
         site = self.site = self._site
         fields = self.responseHeaders._rawHeaders  # (the gateway's own values: see openaigw.headers)
         fields[_DATE] = [site.http_date()]
@@ -570,6 +577,7 @@ class GatewaySite(Site):
         self.clock = clock
         self.telemetry = telemetry or Telemetry()
         self.channels: Set[GatewayChannel] = set()
+        self.admission = Admission(clock)
         self._drained: List[Deferred[None]] = []
         self._refusing_since: Optional[float] = None
         self.configure(gateway, max_connections)

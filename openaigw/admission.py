@@ -1,0 +1,84 @@
+"""New requests' work in slices, so that a burst of them cannot stall the streams
+already flowing.
+
+A reactor turn handles every socket that is ready: when a burst of new requests
+arrives, their routing, filters and upstream requests would all run before the
+next chunk of any running stream is relayed, and on one core a burst of hundreds
+holds those chunks for as long (they then reach their clients late, several in
+one read).  :class:`Admission` runs a new request's work at once until the
+requests of one turn have used ``budget`` seconds; the rest wait, in order, for
+the following turns.  Each of those starts with waiting requests, for half as
+long as the reactor's other work (relaying, mostly) took since the previous one
+and at least ``budget``, then polls the sockets again: under a load of both, new
+requests get a third of the time and running streams the rest, and neither
+starves.  (Given as much time as the other work, new requests would feed the
+other work with the answers they start, and the turns would grow.)  The total
+work is the same; what changes is that they take turns.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Deque
+
+DEFAULT_BUDGET = 0.002  # seconds of new requests' work a turn (a few requests)
+SHARE = 0.5  # of the other work's time, given to waiting requests
+
+
+class Admission:
+    """Runs jobs (a new request's processing) now, or in a later reactor turn once
+    this turn's jobs have taken ``budget`` seconds (by ``clock``: a reactor's is the
+    time of day, to the microsecond).  A pause of ``budget`` between two jobs also
+    starts a new turn's budget: the reactor went on to other work, or was idle."""
+
+    def __init__(self, clock: Any, budget: float = DEFAULT_BUDGET) -> None:
+        self._clock = clock
+        self._budget = budget
+        self._timer = clock.seconds
+        self._waiting: Deque[Callable[[], None]] = deque()
+        self._spent = 0.0  # by this turn's jobs
+        self._last_end = float("-inf")
+        self._turn_ended = 0.0  # when the last turn ended (or the first job waited)
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Run ``job`` now, or after those waiting (in order) in a later turn."""
+        if self._waiting:
+            self._waiting.append(job)
+            return
+        start = self._timer()
+        if start - self._last_end >= self._budget:
+            self._spent = 0.0
+        elif self._spent >= self._budget:
+            self._waiting.append(job)
+            self._turn_ended = start
+            self._clock.callLater(0, self._turn)
+            return
+        self._timed(job, start)
+
+    def _timed(self, job: Callable[[], None], start: float) -> None:
+        try:
+            job()
+        finally:
+            self._last_end = end = self._timer()
+            self._spent += end - start
+
+    def _turn(self) -> None:
+        """A new turn (before the reactor polls again): run waiting jobs for SHARE of
+        the time the reactor's other work took since the last turn, at least for
+        ``budget``."""
+        start = self._timer()
+        budget = max(self._budget, (start - self._turn_ended) * SHARE)
+        self._spent = 0.0
+        waiting = self._waiting
+        try:
+            while waiting and self._spent < budget:
+                self._timed(waiting.popleft(), self._timer())
+        finally:
+            self._turn_ended = self._timer()
+            if waiting:
+                self._clock.callLater(0, self._turn)
+
+    @property
+    def waiting(self) -> int:
+        """How many jobs wait for a turn."""
+        return len(self._waiting)

@@ -1,0 +1,130 @@
+"""New requests take turns with the rest of the reactor's work (openaigw.admission)."""
+
+from __future__ import annotations
+
+from typing import Callable, List
+
+import pytest
+from twisted.internet.task import Clock
+
+from openaigw.admission import Admission
+from tests.memory import Gateway, post, response
+
+BUDGET = 0.002
+
+
+def job(clock: Clock, done: List[str], name: str, seconds: float = 0.0) -> Callable[[], None]:
+    """A job that takes ``seconds`` of the clock's time."""
+    def run() -> None:
+        clock.rightNow += seconds
+        done.append(name)
+    return run
+
+
+def next_turn(clock: Clock) -> None:
+    """Run the calls due, as a reactor's turn does: not those they schedule (which
+    Clock.advance would run at once too)."""
+    due = [call for call in clock.getDelayedCalls() if call.getTime() <= clock.seconds()]
+    for call in due:
+        clock.calls.remove(call)
+        call.called = True
+        call.func(*call.args, **call.kw)
+
+
+def test_jobs_run_at_once_within_the_budget():
+    clock = Clock()
+    admission = Admission(clock, BUDGET)
+    done: List[str] = []
+    for name in "abc":
+        admission.run(job(clock, done, name, BUDGET / 4))
+    assert done == ["a", "b", "c"]
+    assert admission.waiting == 0 and not clock.getDelayedCalls()
+
+
+def test_past_the_budget_jobs_wait_for_later_turns_in_order():
+    """Once a turn's jobs took the budget, the next wait (arrivals queue behind them),
+    and each turn runs another budget's worth."""
+    clock = Clock()
+    admission = Admission(clock, BUDGET)
+    done: List[str] = []
+    admission.run(job(clock, done, "a", BUDGET * 0.6))
+    admission.run(job(clock, done, "b", BUDGET * 0.6))  # the budget is used up now
+    for name in "cdef":
+        admission.run(job(clock, done, name, BUDGET * 0.6))
+    assert done == ["a", "b"]
+    assert admission.waiting == 4
+    next_turn(clock)  # c and d use its budget
+    assert done == ["a", "b", "c", "d"]
+    admission.run(job(clock, done, "g"))  # behind those still waiting, not before them
+    next_turn(clock)
+    assert done == list("abcdef")
+    next_turn(clock)
+    assert done == list("abcdefg")
+    assert admission.waiting == 0 and not clock.getDelayedCalls()
+
+
+def test_a_turn_after_long_other_work_gets_half_its_time():
+    """New requests are not starved by the relaying between turns: a turn runs
+    waiting jobs for half the time the reactor's other work took since the last."""
+    clock = Clock()
+    admission = Admission(clock, BUDGET)
+    done: List[str] = []
+    admission.run(job(clock, done, "a", BUDGET))
+    for name in "bcdefg":
+        admission.run(job(clock, done, name, BUDGET))
+    clock.rightNow += 8 * BUDGET  # the rest of the reactor's turn: relaying
+    next_turn(clock)
+    assert done == list("abcde")  # 4 budgets' worth
+    clock.rightNow += BUDGET / 2
+    next_turn(clock)
+    assert done == list("abcdef")  # at least one budget's worth
+    next_turn(clock)
+    assert done == list("abcdefg")
+
+
+def test_a_pause_starts_a_new_budget():
+    """Jobs a budget's time apart are not one burst: none waits."""
+    clock = Clock()
+    admission = Admission(clock, BUDGET)
+    done: List[str] = []
+    for name in "abcd":
+        admission.run(job(clock, done, name, BUDGET))
+        clock.rightNow += BUDGET
+    assert done == list("abcd")
+    assert not clock.getDelayedCalls()
+
+
+def test_a_failing_job_does_not_stop_those_behind_it():
+    clock = Clock()
+    admission = Admission(clock, BUDGET)
+    done: List[str] = []
+
+    def fails() -> None:
+        raise RuntimeError("a bug")
+
+    admission.run(job(clock, done, "a", BUDGET))
+    admission.run(fails)
+    admission.run(job(clock, done, "b"))
+    with pytest.raises(RuntimeError):
+        next_turn(clock)
+    next_turn(clock)
+    assert done == ["a", "b"]
+    assert admission.waiting == 0
+
+
+def test_requests_past_the_budget_are_answered_in_the_next_turn():
+    """The gateway's new requests use its admission: one arriving once the turn's
+    budget is spent goes upstream in the next turn; one whose client leaves while it
+    waits never goes upstream, and is logged as 499."""
+    gw = Gateway()
+    admission = gw.site.admission
+    admission.run(lambda: setattr(gw.reactor, "rightNow", gw.reactor.rightNow + 1.0))  # the budget, spent
+    waiting, waiting_client = gw.client(post(b"/v1/chat/completions", b"{}"))
+    leaving, _ = gw.client(post(b"/v1/models", b"{}"))
+    assert admission.waiting == 2 and gw.requests_sent() == 0
+    leaving.connectionLost(None)
+    gw.reactor.advance(0)
+    assert gw.requests_sent() == 1
+    gw.upstream(0).send(response())
+    assert waiting_client.value().startswith(b"HTTP/1.1 200 OK")
+    assert sorted((r.path, r.status) for r in gw.records) == [("/v1/chat/completions", 200), ("/v1/models", 499)]
