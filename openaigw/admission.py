@@ -7,22 +7,25 @@ next chunk of any running stream is relayed, and on one core a burst of hundreds
 holds those chunks for as long (they then reach their clients late, several in
 one read).  :class:`Admission` runs a new request's work at once until the
 requests of one turn have used ``budget`` seconds; the rest wait, in order, for
-the following turns.  Each of those starts with waiting requests, for half as
-long as the reactor's other work (relaying, mostly) took since the previous one
-and at least ``budget``, then polls the sockets again: under a load of both, new
-requests get a third of the time and running streams the rest, and neither
-starves.  (Given as much time as the other work, new requests would feed the
-other work with the answers they start, and the turns would grow.)  The total
-work is the same; what changes is that they take turns.
+the following turns, each of which runs one more budget of them before the reactor
+polls the sockets again: a burst is spread out, and the chunks between its turns
+go out on time.  Once the first waiting request has waited ``PATIENCE``, the load
+is more than a burst, and a turn runs waiting requests for half as long as the
+other work (relaying, mostly) took since the previous turn: under a load of both,
+new requests get a third of the time and running streams the rest, so that
+neither starves.  (Given as much time as the other work, new requests would feed
+it with the answers they start, and the turns would grow.)  The total work is the
+same; what changes is that they take turns.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Deque
+from typing import Any, Callable, Deque, Tuple
 
 DEFAULT_BUDGET = 0.002  # seconds of new requests' work a turn (a few requests)
 SHARE = 0.5  # of the other work's time, given to waiting requests
+PATIENCE = 0.1  # seconds the first of them waits before they get SHARE
 
 
 class Admission:
@@ -35,21 +38,21 @@ class Admission:
         self._clock = clock
         self._budget = budget
         self._timer = clock.seconds
-        self._waiting: Deque[Callable[[], None]] = deque()
+        self._waiting: Deque[Tuple[float, Callable[[], None]]] = deque()  # (since, job)
         self._spent = 0.0  # by this turn's jobs
         self._last_end = float("-inf")
         self._turn_ended = 0.0  # when the last turn ended (or the first job waited)
 
     def run(self, job: Callable[[], None]) -> None:
         """Run ``job`` now, or after those waiting (in order) in a later turn."""
-        if self._waiting:
-            self._waiting.append(job)
-            return
         start = self._timer()
+        if self._waiting:
+            self._waiting.append((start, job))
+            return
         if start - self._last_end >= self._budget:
             self._spent = 0.0
         elif self._spent >= self._budget:
-            self._waiting.append(job)
+            self._waiting.append((start, job))
             self._turn_ended = start
             self._clock.callLater(0, self._turn)
             return
@@ -63,16 +66,18 @@ class Admission:
             self._spent += end - start
 
     def _turn(self) -> None:
-        """A new turn (before the reactor polls again): run waiting jobs for SHARE of
-        the time the reactor's other work took since the last turn, at least for
-        ``budget``."""
+        """A new turn (before the reactor polls again): run waiting jobs for
+        ``budget``, or, once the first has waited PATIENCE, for SHARE of the time
+        the reactor's other work took since the last turn if that is longer."""
         start = self._timer()
-        budget = max(self._budget, (start - self._turn_ended) * SHARE)
-        self._spent = 0.0
         waiting = self._waiting
+        budget = self._budget
+        if start - waiting[0][0] >= PATIENCE:
+            budget = max(budget, (start - self._turn_ended) * SHARE)
+        self._spent = 0.0
         try:
             while waiting and self._spent < budget:
-                self._timed(waiting.popleft(), self._timer())
+                self._timed(waiting.popleft()[1], self._timer())
         finally:
             self._turn_ended = self._timer()
             if waiting:

@@ -7,7 +7,7 @@ from typing import Callable, List
 import pytest
 from twisted.internet.task import Clock
 
-from openaigw.admission import Admission
+from openaigw.admission import PATIENCE, Admission
 from tests.memory import Gateway, post, response
 
 BUDGET = 0.002
@@ -63,22 +63,33 @@ def test_past_the_budget_jobs_wait_for_later_turns_in_order():
     assert admission.waiting == 0 and not clock.getDelayedCalls()
 
 
-def test_a_turn_after_long_other_work_gets_half_its_time():
-    """New requests are not starved by the relaying between turns: a turn runs
-    waiting jobs for half the time the reactor's other work took since the last."""
+def test_a_burst_waits_in_turns_of_one_budget():
+    """While the first waiting request has waited less than PATIENCE, each turn runs
+    one budget's worth, however long the reactor's other work took: a short burst
+    is spread out, and the streams' chunks between the turns go out on time."""
     clock = Clock()
     admission = Admission(clock, BUDGET)
     done: List[str] = []
-    admission.run(job(clock, done, "a", BUDGET))
-    for name in "bcdefg":
+    for name in "abcd":
         admission.run(job(clock, done, name, BUDGET))
-    clock.rightNow += 8 * BUDGET  # the rest of the reactor's turn: relaying
+    clock.rightNow += PATIENCE / 2  # the rest of the reactor's turn: relaying
     next_turn(clock)
-    assert done == list("abcde")  # 4 budgets' worth
-    clock.rightNow += BUDGET / 2
+    assert done == ["a", "b"]
+
+
+def test_requests_waiting_long_get_half_the_other_works_time():
+    """Once the first has waited PATIENCE, a turn runs waiting requests for half the
+    time the other work took since the last turn (at least one budget): relaying
+    cannot starve new requests."""
+    clock = Clock()
+    admission = Admission(clock, BUDGET)
+    done: List[str] = []
+    for name in "abcdefghijk":
+        admission.run(job(clock, done, name, 0.01))
+    clock.rightNow += PATIENCE  # relaying
     next_turn(clock)
-    assert done == list("abcdef")  # at least one budget's worth
-    next_turn(clock)
+    assert done == list("abcdef")  # half of PATIENCE: five jobs of 10 ms
+    next_turn(clock)  # no other work since: one budget (one job)
     assert done == list("abcdefg")
 
 
