@@ -42,6 +42,8 @@ class Admission:
         self._spent = 0.0  # by this turn's jobs
         self._last_end = float("-inf")
         self._turn_ended = 0.0  # when the last turn ended (or the first job waited)
+        self.waited = 0  # jobs that waited for a turn, and how long they did in all
+        self.waited_seconds = 0.0
 
     def run(self, job: Callable[[], None]) -> None:
         """Run ``job`` now, or after those waiting (in order) in a later turn."""
@@ -77,7 +79,11 @@ class Admission:
         self._spent = 0.0
         try:
             while waiting and self._spent < budget:
-                self._timed(waiting.popleft()[1], self._timer())
+                since, job = waiting.popleft()
+                now = self._timer()
+                self.waited += 1
+                self.waited_seconds += now - since
+                self._timed(job, now)
         finally:
             self._turn_ended = self._timer()
             if waiting:

@@ -128,6 +128,30 @@ class _NodeHealth:
         yield cooldown
 
 
+class _Admission:
+    """New requests waiting for a reactor turn (openaigw.admission), read from
+    ``source`` (the site's Admission) when scraped."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Any] = lambda: None
+
+    def collect(self) -> Iterator[Metric]:
+        admission = self.source()
+        if admission is None:
+            return
+        yield GaugeMetricFamily(
+            "openaigw_requests_waiting", "New requests waiting for a turn of the process (a burst, or a busy process).",
+            value=admission.waiting,
+        )
+        yield CounterMetricFamily(
+            "openaigw_requests_waited", "New requests that waited for a turn of the process.", value=admission.waited
+        )
+        yield CounterMetricFamily(
+            "openaigw_requests_waited_seconds", "Time new requests waited for a turn of the process, in all.",
+            value=admission.waited_seconds,
+        )
+
+
 @implementer(IRequestObserver)
 class Metrics:
     def __init__(self, model_cap: int = 50) -> None:
@@ -139,6 +163,8 @@ class Metrics:
         r.register(self._stats)
         self.node_health = _NodeHealth()  # its source is set by the service
         r.register(self.node_health)
+        self.admission = _Admission()  # likewise
+        r.register(self.admission)
         self.streams = Gauge("openaigw_active_streams", "Event streams being relayed.", ["route"], registry=r)
         self.upstream_failures = Counter(
             "openaigw_upstream_failures", "Failed upstream attempts.", ["upstream", "node", "reason"], registry=r

@@ -143,6 +143,7 @@ class GatewayService(Service):
         if gateway.status and self.telemetry.metrics is None:
             self.telemetry.metrics = Metrics(gateway.metrics_max_models)
             self.telemetry.metrics.node_health.source = self._node_statuses
+            self.telemetry.metrics.admission.source = lambda: self.site.admission
 
     def _node_statuses(self) -> List[NodeStatus]:
         return [status for upstream in self._upstreams.values() for status in upstream.health.statuses()]

@@ -139,3 +139,19 @@ def test_requests_past_the_budget_are_answered_in_the_next_turn():
     gw.upstream(0).send(response())
     assert waiting_client.value().startswith(b"HTTP/1.1 200 OK")
     assert sorted((r.path, r.status) for r in gw.records) == [("/v1/chat/completions", 200), ("/v1/models", 499)]
+
+
+def test_metrics_show_requests_waiting_and_how_long_they_waited():
+    gw = Gateway(metrics=True)
+    gw.metrics.admission.source = lambda: gw.site.admission  # (as the service wires it)
+    registry = gw.metrics.registry
+    assert registry.get_sample_value("openaigw_requests_waiting") == 0
+    gw.site.admission.run(lambda: setattr(gw.reactor, "rightNow", gw.reactor.rightNow + 1.0))
+    gw.client(post(b"/v1/models", b"{}"))
+    gw.client(post(b"/v1/models", b"{}"))
+    assert registry.get_sample_value("openaigw_requests_waiting") == 2
+    gw.reactor.rightNow += 0.25
+    gw.reactor.advance(0)
+    assert registry.get_sample_value("openaigw_requests_waiting") == 0
+    assert registry.get_sample_value("openaigw_requests_waited_total") == 2
+    assert registry.get_sample_value("openaigw_requests_waited_seconds_total") == 0.5

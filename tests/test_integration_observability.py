@@ -109,6 +109,7 @@ def test_traffic_shows_in_metrics_and_access_log(gateway):
     assert metric(text, "openaigw_tokens_total", route="chat", model="gpt-4o-mini", kind="completion") == 10
     assert metric(text, "openaigw_time_to_first_byte_seconds_count", route="chat") == 3
     assert metric(text, "openaigw_active_streams", route="chat") == 0
+    assert metric(text, "openaigw_requests_waiting") == 0  # (three requests: no burst)
     assert metric(text, "process_resident_memory_bytes") > 0
     plain, streamed, rejected = access_lines(gateway, at_least=3)[-3:]
     assert (plain["status"], plain["consumer"], plain["route"], plain["model"]) == (200, "team-o", "chat", "gpt-4o-mini")
