@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Deque, Tuple
 
-DEFAULT_BUDGET = 0.002  # seconds of new requests' work a turn (a few requests)
+DEFAULT_BUDGET = 0.001  # seconds of new requests' work a turn (a few requests)
 SHARE = 0.5  # of the other work's time, given to waiting requests
 PATIENCE = 0.1  # seconds the first of them waits before they get SHARE
 
@@ -42,6 +42,7 @@ class Admission:
         self._spent = 0.0  # by this turn's jobs
         self._last_end = float("-inf")
         self._turn_ended = 0.0  # when the last turn ended (or the first job waited)
+        self._turn_due = False  # a turn is scheduled (never two: a job may run() more)
         self.waited = 0  # jobs that waited for a turn, and how long they did in all
         self.waited_seconds = 0.0
 
@@ -56,7 +57,7 @@ class Admission:
         elif self._spent >= self._budget:
             self._waiting.append((start, job))
             self._turn_ended = start
-            self._clock.callLater(0, self._turn)
+            self._next_turn()
             return
         self._timed(job, start)
 
@@ -67,12 +68,18 @@ class Admission:
             self._last_end = end = self._timer()
             self._spent += end - start
 
+    def _next_turn(self) -> None:
+        if not self._turn_due:
+            self._turn_due = True
+            self._clock.callLater(0, self._turn)
+
     def _turn(self) -> None:
         """A new turn (before the reactor polls again): run waiting jobs for
         ``budget``, or, once the first has waited PATIENCE, for SHARE of the time
         the reactor's other work took since the last turn if that is longer."""
-        start = self._timer()
+        self._turn_due = False
         waiting = self._waiting
+        start = self._timer()
         budget = self._budget
         if start - waiting[0][0] >= PATIENCE:
             budget = max(budget, (start - self._turn_ended) * SHARE)
@@ -82,12 +89,12 @@ class Admission:
                 since, job = waiting.popleft()
                 now = self._timer()
                 self.waited += 1
-                self.waited_seconds += now - since
+                self.waited_seconds += max(0.0, now - since)  # (the time of day may step back)
                 self._timed(job, now)
         finally:
             self._turn_ended = self._timer()
             if waiting:
-                self._clock.callLater(0, self._turn)
+                self._next_turn()
 
     @property
     def waiting(self) -> int:

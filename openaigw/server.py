@@ -418,17 +418,17 @@ class GatewayRequest(Request):
     def _process(self) -> None:
         if self._disconnected:  # the client left while its request waited for a turn
             return
-        site = self.site = self._site
-        fields = self.responseHeaders._rawHeaders  # (the gateway's own values: see openaigw.headers)
-        fields[_DATE] = [site.http_date()]
-        fields[_X_REQUEST_ID] = [self.context.record.request_id.encode("ascii")]
-        self.prepath = []
-        segments = self.path[1:].split(b"/")
-        self.postpath = list(map(unquote_to_bytes, segments)) if b"%" in self.path else segments
-        if self.path == b"*":
-            self._handleStar()  # (Twisted's answer to OPTIONS *)
-            return
-        try:
+        try:  # (in a later turn, nothing above would close the connection on a bug)
+            site = self.site = self._site
+            fields = self.responseHeaders._rawHeaders  # (the gateway's own values: see openaigw.headers)
+            fields[_DATE] = [site.http_date()]
+            fields[_X_REQUEST_ID] = [self.context.record.request_id.encode("ascii")]
+            self.prepath = []
+            segments = self.path[1:].split(b"/")
+            self.postpath = list(map(unquote_to_bytes, segments)) if b"%" in self.path else segments
+            if self.path == b"*":
+                self._handleStar()  # (Twisted's answer to OPTIONS *)
+                return
             self.render(site.getResourceFor(self))
         except BaseException:
             self.processingFailed(Failure())

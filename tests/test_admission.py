@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Any, Callable, List
 
 import pytest
 from twisted.internet.task import Clock
@@ -103,6 +103,57 @@ def test_a_pause_starts_a_new_budget():
         clock.rightNow += BUDGET
     assert done == list("abcd")
     assert not clock.getDelayedCalls()
+
+
+def test_jobs_started_by_a_waiting_job_keep_one_turn_scheduled():
+    """A job run in a turn may run() others (a pipelined request answered at once):
+    they run or wait as any, and one turn stays scheduled, never two."""
+    clock = Clock()
+    admission = Admission(clock, BUDGET)
+    done: List[str] = []
+
+    def starts_two() -> None:
+        admission.run(job(clock, done, "c", BUDGET))  # at once: the turn's budget is not spent
+        admission.run(job(clock, done, "d"))  # it is now: d waits
+
+    admission.run(job(clock, done, "a", BUDGET))
+    admission.run(starts_two)
+    next_turn(clock)
+    assert done == ["a", "c"] and admission.waiting == 1
+    assert len(clock.getDelayedCalls()) == 1
+    next_turn(clock)
+    assert done == ["a", "c", "d"]
+    assert admission.waiting == 0 and not clock.getDelayedCalls()
+
+
+class _Ticking:
+    """The gateway's clock, read as if each reading came 1.5 ms after the last."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def seconds(self) -> float:
+        self._reactor.rightNow += 0.0015
+        return self._reactor.rightNow
+
+    def callLater(self, *args: Any) -> Any:
+        return self._reactor.callLater(*args)
+
+
+def test_pipelined_requests_answered_in_a_turn_are_all_answered():
+    """Requests pipelined on one connection, each answered at once (a 404) in its
+    turn, so that the next is read and run() from inside the turn."""
+    gw = Gateway()
+    admission = gw.site.admission = Admission(_Ticking(gw.reactor), BUDGET)
+    admission.run(lambda: None)
+    admission.run(lambda: None)  # the budget, spent
+    _, transport = gw.client(b"GET /nope HTTP/1.1\r\nHost: gw\r\n\r\n" * 4)
+    for _ in range(4):
+        turns = [call for call in gw.reactor.getDelayedCalls() if call.func == admission._turn]
+        assert len(turns) <= 1
+        next_turn(gw.reactor)
+    assert transport.value().count(b"HTTP/1.1 404 ") == 4
+    assert admission.waiting == 0
 
 
 def test_a_failing_job_does_not_stop_those_behind_it():
