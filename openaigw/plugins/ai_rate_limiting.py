@@ -59,7 +59,7 @@ class TokenFilter(LimitFilter):
         return Usage._fields.index(self._settings.strategy)
 
     def filter_request(self, exchange: Exchange) -> Any:
-        key = self._shared or self._consumer_keys.get(exchange.consumer) or self._key(exchange)  # (see _key)
+        key = self._key(exchange)
         answer = self._store.peek(key, self._settings.time_window)
         if type(answer) is tuple:  # (memory's, at once: _then's first case, without the call)
             return self._check(exchange, key, answer)

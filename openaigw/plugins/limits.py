@@ -139,8 +139,7 @@ class LimitFilter:
         self._consumer_keys: Dict[str, str] = {}  # consumer -> its counter's name, made once
 
     def _key(self, exchange: Exchange) -> str:
-        """The name of ``exchange``'s counter.  (The hot path tries ``_shared`` and
-        ``_consumer_keys`` itself before calling this: one call less a request.)"""
+        """The name of ``exchange``'s counter."""
         if self._shared is not None:
             return self._shared
         consumer = exchange.consumer
@@ -231,8 +230,7 @@ class CountFilter(LimitFilter):
         return b"%d" % self._settings.count
 
     def filter_request(self, exchange: Exchange) -> Any:
-        key = self._shared or self._consumer_keys.get(exchange.consumer) or self._key(exchange)  # (see _key)
-        answer = self._store.add(key, self._settings.time_window, 1)
+        answer = self._store.add(self._key(exchange), self._settings.time_window, 1)
         if type(answer) is tuple:  # (memory's, at once: _then's first case, without the call)
             return self._check(exchange, answer)
         return self._then(answer, self._check, exchange)
