@@ -6,7 +6,7 @@ floors and Twisted's ReverseProxyResource, in one run.
 Starts on 127.0.0.1 a fast fake OpenAI upstream (nginx: canned chat.completion, and
 SSE streams timed by the echo module), nginx as a plain reverse proxy (the
 reference), Twisted's TCP relay (``twistd portforward``) and hello-world Site
-(bench/site.py, wrk only): the floors, Twisted's plain ReverseProxyResource
+(bench/site.py): the floors, Twisted's plain ReverseProxyResource
 (bench/rpr.py, the baseline) and openaigw, then runs each workload in interleaved
 rounds against them and prints one table of medians and ratios.  The proxies run on
 core 0; upstream, wrk and the Python load generator on core 1.  See bench/README.md.
@@ -39,10 +39,13 @@ from openaigw.testing import RedisServer, free_port, start_gateway, stop_process
 
 # The floors: Twisted's TCP relay (twistd portforward: relaying bytes through the
 # reactor) and its hello-world Site (Twisted's HTTP server side; it answers every
-# request with 12 bytes of its own, so it runs in the wrk workloads only).
+# request with 12 bytes of its own: in the request workloads, and in the stream ones
+# only how soon it answers the same bursts).
 TARGETS = ("direct", "nginx", "twisted-tcp", "twisted-site", "twisted-rpr", "openaigw")
 RELAYS = tuple(t for t in TARGETS if t != "twisted-site")  # answer with the upstream's answers
-PROXIES = ("nginx", "twisted-tcp", "twisted-rpr", "openaigw")  # the +X columns
+# The +X columns: the time added over direct (for twisted-site, answering itself, how
+# much later than the upstream (direct) Twisted's server side answers).
+ADDED = ("nginx", "twisted-tcp", "twisted-site", "twisted-rpr", "openaigw")
 # With --baseline DIR: the seed gateway run from another source tree (a checkout of an
 # older commit), in the main table beside openaigw, for a before/after from one run.
 BEFORE = "openaigw-before"
@@ -345,7 +348,7 @@ class Bench:
     def __init__(self, plan: Plan, tmp: str, baseline: str = "") -> None:
         self.plan, self.tmp, self.baseline = plan, tmp, baseline
         extra = (BEFORE,) if baseline else ()
-        self.targets, self.relays, self.proxies = TARGETS + extra, RELAYS + extra, PROXIES + extra
+        self.targets, self.relays, self.added = TARGETS + extra, RELAYS + extra, ADDED + extra
         self.procs: List["subprocess.Popen[bytes]"] = []
         self.ports: Dict[str, int] = {}
         self.pids: Dict[str, int] = {}  # process serving each proxy target
@@ -651,7 +654,7 @@ def table(bench: Bench) -> Tuple[str, Dict[str, Dict[str, float]]]:
         ("slow.peak_rss_mib", "  proxy peak RSS MiB (max)", False),
         ("slow.rss_per_stream_kib", "  proxy RSS/stream KiB (max)", False),
     ]
-    targets, proxies = bench.targets, bench.proxies
+    targets, added = bench.targets, bench.added
     # the gw/X columns
     compared = ("nginx", "twisted-tcp", "twisted-site", "twisted-rpr") + targets[len(TARGETS):]
     def short(target: str) -> str:
@@ -659,7 +662,7 @@ def table(bench: Bench) -> Tuple[str, Dict[str, Dict[str, float]]]:
 
     head = (["workload", "direct", "nginx proxy", "twisted tcp", "twisted site", "twisted rpr",
              "openaigw"] + [t.replace("-", " ") for t in targets[len(TARGETS):]]
-            + ["gw/" + short(t) for t in compared] + ["+" + short(t) for t in proxies])
+            + ["gw/" + short(t) for t in compared] + ["+" + short(t) for t in added])
     lines = [head]
     medians: Dict[str, Dict[str, float]] = {}
     for metric, label, latency in rows:
@@ -667,7 +670,7 @@ def table(bench: Bench) -> Tuple[str, Dict[str, Dict[str, float]]]:
         medians[metric] = m
         ratios = [m["openaigw"] / m[t] if m[t] else float("nan") for t in compared]
         cells = [label] + [fmt(m[t]) for t in targets] + [fmt(r, 2) for r in ratios]
-        cells += [fmt(m[t] - m["direct"]) if latency else "" for t in proxies]
+        cells += [fmt(m[t] - m["direct"]) if latency else "" for t in added]
         lines.append(cells)
     errors = {t: sum(sum(v.get(t, [])) for k, v in bench.raw.items() if k.endswith(".errors"))
               for t in targets}
@@ -744,7 +747,7 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="DIR", default="",
                         help="also run the gateway from this source tree (a checkout of an older "
                              "commit) as openaigw-before, in the main table")
-    parser.add_argument("--only", choices=("streams", "state", "workers", "health"), help="run this workload only")
+    parser.add_argument("--only", choices=("rate", "streams", "state", "workers", "health"), help="run this workload only")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
@@ -766,9 +769,10 @@ def main() -> None:
         print("  ".join(f"{t} :{bench.ports[t]}" for t in bench.targets), flush=True)
         if args.only is None:
             bench.rounds("tput", bench.throughput)
-            bench.rounds("rate", bench.fixed_rate, bench.relays)
-            # (twisted-site: only how soon it answers the same bursts of requests)
+        if args.only in (None, "rate"):
+            bench.rounds("rate", bench.fixed_rate, bench.targets)
         if args.only in (None, "streams"):
+            # (twisted-site: only how soon it answers the same bursts of requests)
             bench.rounds("fast", bench.fast_streams, bench.relays + ("twisted-site",))
             bench.rounds("slow", bench.slow_streams, bench.relays + ("twisted-site",))
         if args.only is None:
@@ -792,7 +796,7 @@ def main() -> None:
     finally:
         bench.stop()
     text, medians = table(bench)
-    if args.only in (None, "streams"):
+    if args.only in (None, "rate", "streams"):
         print(f"\nmedians of {plan.rounds} round(s); +X = X - direct; "
               f"total {time.monotonic() - started:.0f}s\n")
         print(text)

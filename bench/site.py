@@ -1,4 +1,4 @@
-"""A floor: Twisted's hello-world Site, as the bench's "twisted-site" (wrk only).
+"""A floor: Twisted's hello-world Site, as the bench's "twisted-site".
 
     python bench/site.py LISTEN_PORT
 
