@@ -181,7 +181,7 @@ def test_requests_past_the_budget_are_answered_in_the_next_turn():
     gw = Gateway()
     admission = gw.site.admission
     admission.run(lambda: setattr(gw.reactor, "rightNow", gw.reactor.rightNow + 1.0))  # the budget, spent
-    waiting, waiting_client = gw.client(post(b"/v1/chat/completions", b"{}"))
+    _, waiting_client = gw.client(post(b"/v1/chat/completions", b"{}"))
     leaving, _ = gw.client(post(b"/v1/models", b"{}"))
     assert admission.waiting == 2 and gw.requests_sent() == 0
     leaving.connectionLost(None)
