@@ -25,6 +25,7 @@ connection, or no answer in time).  Neither ever holds the password.
 from __future__ import annotations
 
 import hashlib
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple, Union
@@ -265,6 +266,10 @@ class RedisClient:
     (0.05 s doubling to 2 s; from 0.05 s again once a connection had lasted 5 s), and
     tells ``watchers`` when Redis becomes unavailable or available again.  An outage is
     logged once, when it starts, and once when it ends.
+
+    Each wait is a random part of the back-off, from half of it to all of it (by
+    ``jitter()``, a draw in [0, 1): 0 waits it all): gateways and workers that lost the
+    same Redis at once do not all come back to it in the same instant.
     """
 
     def __init__(
@@ -273,8 +278,10 @@ class RedisClient:
         address: RedisAddress,
         timeout: float = 0.25,
         tls_options: Any = None,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self._reactor = reactor
+        self._jitter = jitter
         self.address = address
         self.timeout = timeout
         self._tls_options = tls_options
@@ -381,7 +388,7 @@ class RedisClient:
             self._retry_later()
 
     def _retry_later(self) -> None:
-        self._retry = self._reactor.callLater(self._backoff, self._connect)
+        self._retry = self._reactor.callLater(self._backoff * (1 - self._jitter() / 2), self._connect)
         self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
 
     def _set_available(self, available: bool, why: str) -> None:

@@ -242,9 +242,11 @@ class Server:
         self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
-def client(url: str = "redis://127.0.0.1:6379/0", timeout: float = 0.25) -> tuple:
+def client(url: str = "redis://127.0.0.1:6379/0", timeout: float = 0.25, jitter: float = 0.0) -> tuple:
+    """A client on a MemoryReactorClock; its waits are ``1 - jitter / 2`` of its
+    back-off (by default the whole back-off)."""
     reactor = MemoryReactorClock()
-    redis = RedisClient(reactor, parse_url(url), timeout)
+    redis = RedisClient(reactor, parse_url(url), timeout, jitter=lambda: jitter)
     changes: List[bool] = []
     redis.watchers.append(changes.append)
     redis.start()
@@ -310,6 +312,26 @@ def test_reconnects_after_loss_with_growing_backoff():
     got = results([redis.execute("GET", "k")])
     server.reply(b"$-1\r\n")
     assert got == [None]
+
+
+def test_reconnect_waits_are_jittered():
+    """Each wait is a random part of the back-off, down to half of it: clients that
+    lost the same Redis together spread their attempts."""
+    redis, server, reactor, changes = client(jitter=0.999)
+    server.accept()
+    server.sent()
+    server.reply(b"+PONG\r\n")
+    server.drop()
+    attempts = len(reactor.tcpClients)
+    reactor.advance(0.024)
+    assert len(reactor.tcpClients) == attempts  # not before half of 0.05 s
+    reactor.advance(0.002)
+    assert len(reactor.tcpClients) == attempts + 1  # at about half of 0.05 s
+    server.refuse()
+    reactor.advance(0.049)
+    assert len(reactor.tcpClients) == attempts + 1
+    reactor.advance(0.002)
+    assert len(reactor.tcpClients) == attempts + 2  # at about half of the doubled 0.1 s
 
 
 def test_timeout_on_live_connection_marks_unavailable_until_answer():
