@@ -21,7 +21,7 @@ same; what changes is that they take turns.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Deque, Tuple
+from typing import Any, Callable, Deque, Optional, Tuple
 
 DEFAULT_BUDGET = 0.001  # seconds of new requests' work a turn (a few requests)
 SHARE = 0.5  # of the other work's time, given to waiting requests
@@ -32,7 +32,11 @@ class Admission:
     """Runs jobs (a new request's processing) now, or in a later reactor turn once
     this turn's jobs have taken ``budget`` seconds (by ``clock``: a reactor's is the
     time of day, to the microsecond).  A pause of ``budget`` between two jobs also
-    starts a new turn's budget: the reactor went on to other work, or was idle."""
+    starts a new turn's budget: the reactor went on to other work, or was idle.
+
+    The next turn is a ``callLater(0)``, due by the time of day: should that step
+    back, the turn would not be due for as long, so a job arriving meanwhile
+    schedules it anew."""
 
     def __init__(self, clock: Any, budget: float = DEFAULT_BUDGET) -> None:
         self._clock = clock
@@ -42,7 +46,7 @@ class Admission:
         self._spent = 0.0  # by this turn's jobs
         self._last_end = float("-inf")
         self._turn_ended = 0.0  # when the last turn ended (or the first job waited)
-        self._turn_due = False  # a turn is scheduled (never two: a job may run() more)
+        self._next: Optional[Any] = None  # the turn scheduled (never two: a job may run() more)
         self.waited = 0  # jobs that waited for a turn, and how long they did in all
         self.waited_seconds = 0.0
 
@@ -51,6 +55,10 @@ class Admission:
         start = self._timer()
         if self._waiting:
             self._waiting.append((start, job))
+            scheduled = self._next
+            if scheduled is not None and scheduled.getTime() > start:  # the time of day stepped back
+                scheduled.cancel()
+                self._next = self._clock.callLater(0, self._turn)
             return
         if start - self._last_end >= self._budget:
             self._spent = 0.0
@@ -69,16 +77,17 @@ class Admission:
             self._spent += end - start
 
     def _next_turn(self) -> None:
-        if not self._turn_due:
-            self._turn_due = True
-            self._clock.callLater(0, self._turn)
+        if self._next is None:
+            self._next = self._clock.callLater(0, self._turn)
 
     def _turn(self) -> None:
         """A new turn (before the reactor polls again): run waiting jobs for
         ``budget``, or, once the first has waited PATIENCE, for SHARE of the time
         the reactor's other work took since the last turn if that is longer."""
-        self._turn_due = False
+        self._next = None
         waiting = self._waiting
+        if not waiting:  # a job run in the last turn queued more, and that turn ran them too
+            return
         start = self._timer()
         budget = self._budget
         if start - waiting[0][0] >= PATIENCE:

@@ -126,6 +126,45 @@ def test_jobs_started_by_a_waiting_job_keep_one_turn_scheduled():
     assert admission.waiting == 0 and not clock.getDelayedCalls()
 
 
+
+def test_a_job_queued_and_run_in_the_same_turn_leaves_no_turn_behind():
+    """Past PATIENCE a turn's budget is larger than the budget its jobs check: a job
+    one of them queues may then run in that same turn, and the turn scheduled for it
+    finds nothing to do (and does nothing, no IndexError)."""
+    clock = Clock()
+    admission = Admission(clock, BUDGET)
+    done: List[str] = []
+
+    def starts_d() -> None:
+        done.append("c")
+        admission.run(job(clock, done, "d"))  # past the budget: queued, a turn scheduled
+
+    admission.run(job(clock, done, "a", BUDGET))
+    admission.run(job(clock, done, "b", BUDGET))
+    admission.run(starts_d)
+    clock.rightNow += PATIENCE  # the reactor's other work: this turn may run PATIENCE / 2
+    next_turn(clock)
+    assert done == list("abcd") and admission.waiting == 0
+    next_turn(clock)  # the turn scheduled for d
+    assert not clock.getDelayedCalls()
+    admission.run(job(clock, done, "e"))  # (the turn's budget is spent: in the next)
+    next_turn(clock)
+    assert done == list("abcde") and not clock.getDelayedCalls()
+
+
+def test_the_time_of_day_stepping_back_does_not_hold_new_requests():
+    """The next turn is due by the time of day: after a step back it would not be due
+    for as long, so a request arriving meanwhile schedules it anew."""
+    gw = Gateway()
+    admission = gw.site.admission
+    admission.run(lambda: setattr(gw.reactor, "rightNow", gw.reactor.rightNow + 1.0))  # the budget, spent
+    gw.client(post(b"/v1/chat/completions", b"{}"))
+    assert admission.waiting == 1
+    gw.reactor.rightNow -= 30.0  # (an NTP step, a VM resumed)
+    gw.client(post(b"/v1/models", b"{}"))
+    gw.reactor.advance(0)
+    assert gw.requests_sent() == 2 and admission.waiting == 0
+
 class _Ticking:
     """The gateway's clock, read as if each reading came 1.5 ms after the last."""
 
