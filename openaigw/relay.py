@@ -275,7 +275,7 @@ class RouteResource(Resource):
         except CancelledError:
             pass  # the client left; what was awaited (the upstream request or body) was cancelled
         except Exception:
-            self._failed(Failure(), exchange)
+            exchange.request.processingFailed(Failure())
         finally:
             self._done(exchange)
 
@@ -405,15 +405,3 @@ class RouteResource(Resource):
                 upstream.health.finished(node, False, _NODE_FAULTS[reason])
 
         return cut
-
-    def _failed(self, failure: Failure, exchange: Exchange) -> None:
-        request = exchange.request
-        log.failure("unexpected error proxying {path}", failure, path=request.path)
-        if request.channel is None:
-            return
-        if request.startedWriting:
-            request.abort()
-        else:
-            errors.write_error(
-                request, errors.GatewayError(500, "Internal gateway error", "server_error")
-            )

@@ -499,6 +499,18 @@ class GatewayRequest(Request):
         super().finish()
         self._end(self.code)
 
+    def processingFailed(self, reason: Failure) -> None:
+        """A bug while handling the request: logged, and answered as the gateway's
+        own errors are (a JSON 500, ``server_error``; not Twisted's HTML page), or
+        the connection dropped if the answer had begun."""
+        log.failure("unexpected error handling {path}", reason, path=self.path)
+        if self.channel is None or self.finished:
+            return
+        if self.startedWriting:
+            self.abort()
+        else:
+            errors.write_error(self, errors.GatewayError(500, "Internal gateway error", "server_error"))
+
     def when_lost(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` if the client leaves before its answer has ended (as
         ``notifyFinish``'s errback would be, without a Deferred per request)."""
