@@ -289,6 +289,7 @@ class RedisClient:
         self._connecting: Optional["Deferred[Any]"] = None
         self._retry: Any = None  # the next connection attempt
         self._probing: Any = None  # the next PING of a connection that timed out
+        self._probe_wait = _BACKOFF_FIRST  # before the PING after one that was late
         self._backoff = _BACKOFF_FIRST
         self._up_since = 0.0
         self._closed = False
@@ -450,12 +451,14 @@ class RedisClient:
     def _note_failure(self, failure: Failure) -> Failure:
         if failure.check(RedisUnavailable) and self._protocol is not None and self.available:
             self._set_available(False, failure.getErrorMessage())
+            self._probe_wait = _BACKOFF_FIRST
             self._probe()
         return failure
 
     def _probe(self) -> None:
         """After a timeout on a live connection: PING until Redis answers in time
-        (then it is available again), or the connection goes (then it reconnects)."""
+        (then it is available again), or the connection goes (then it reconnects);
+        after a late answer, again 0.05 s later, the wait doubling up to 2 s."""
         self._probing = None
         protocol = self._protocol
         if protocol is None or self._closed:
@@ -467,7 +470,8 @@ class RedisClient:
 
         def again(_: object) -> None:
             if self._protocol is protocol and self._probing is None:
-                self._probing = self._reactor.callLater(_BACKOFF_MAX, self._probe)
+                self._probing = self._reactor.callLater(self._probe_wait, self._probe)
+                self._probe_wait = min(self._probe_wait * 2, _BACKOFF_MAX)
 
         protocol.execute("PING").addCallbacks(answered, again)
 

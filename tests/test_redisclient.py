@@ -446,6 +446,34 @@ def test_commands_fail_at_once_while_redis_is_too_slow():
     assert server.sent() == encode(("GET", "c"))
 
 
+def test_a_slow_redis_is_probed_soon_then_less_often():
+    """While Redis answers, but too slowly, a late PING is followed by another 0.05 s
+    later, then 0.1 s, ... up to 2 s: the end of a short slowdown is noticed soon, a
+    long one costs a PING every 2 s."""
+    redis, server, reactor, changes = client()
+    server.accept()
+    server.sent()
+    server.reply(b"+PONG\r\n")
+    results([redis.execute("GET", "a")])
+    reactor.advance(0.1)
+    server.reply(b"")  # alive, just slow
+    reactor.advance(0.15)
+    assert changes == [True, False]
+    assert server.sent() == encode(("GET", "a")) + encode(("PING",))
+    waits = []
+    for _ in range(8):
+        server.reply(b"")  # still alive, the PING still late
+        reactor.advance(0.25)
+        waited = 0.0
+        while not server.sent():
+            reactor.advance(0.01)
+            waited += 0.01
+        waits.append(round(waited, 2))
+    assert waits == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0], abs=0.015)
+    server.reply(b"$1\r\na\r\n" + b"+PONG\r\n" * 9)  # all answered, the last PING in time
+    assert changes == [True, False, True]
+
+
 def test_a_connection_that_drops_at_once_backs_off():
     """A Redis that takes the connection set-up and drops it at once (a proxy, a
     client-kill loop) is not reconnected to 20 times a second: the back-off grows
