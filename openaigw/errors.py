@@ -152,6 +152,11 @@ def gateway_timeout(message: str) -> GatewayError:
     return GatewayError(504, message, "upstream_error", "gateway_timeout", reason="upstream_timeout")
 
 
+def internal_error() -> GatewayError:
+    """A bug in the gateway's own code."""
+    return GatewayError(500, "Internal gateway error", "server_error")
+
+
 class StateUnavailable(Exception):
     """The shared state (Redis) did not answer in time: limits cannot be checked."""
 

@@ -509,7 +509,7 @@ class GatewayRequest(Request):
         if self.startedWriting:
             self.abort()
         else:
-            errors.write_error(self, errors.GatewayError(500, "Internal gateway error", "server_error"))
+            errors.write_error(self, errors.internal_error())
 
     def when_lost(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` if the client leaves before its answer has ended (as

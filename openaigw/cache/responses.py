@@ -192,7 +192,7 @@ class CachedRequest:
             error = flight.error
             if isinstance(error, errors.GatewayError):
                 raise error
-            raise errors.GatewayError(500, "Internal gateway error", "server_error")
+            raise errors.internal_error()
         await self._deliver(exchange, relay, flight, charged=True)
 
     @staticmethod
