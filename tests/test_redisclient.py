@@ -334,8 +334,9 @@ def test_reconnect_waits_are_jittered():
     assert len(reactor.tcpClients) == attempts + 2  # at about half of the doubled 0.1 s
 
 
-def test_timeout_on_live_connection_marks_unavailable_until_answer():
-    """A command timing out marks Redis unavailable; a PING answered in time ends it."""
+def slowed() -> tuple:
+    """A connected client whose GET "a" timed out on a Redis still alive, just slow
+    (some bytes came back): (redis, server, reactor, changes, GET's result)."""
     redis, server, reactor, changes = client()
     server.accept()
     server.sent()
@@ -344,6 +345,12 @@ def test_timeout_on_live_connection_marks_unavailable_until_answer():
     reactor.advance(0.1)
     server.reply(b"")  # alive, just slow
     reactor.advance(0.15)
+    return redis, server, reactor, changes, got
+
+
+def test_timeout_on_live_connection_marks_unavailable_until_answer():
+    """A command timing out marks Redis unavailable; a PING answered in time ends it."""
+    redis, server, reactor, changes, got = slowed()
     assert got[0].check(RedisUnavailable) and changes == [True, False]
     assert server.sent() == encode(("GET", "a")) + encode(("PING",))
     server.reply(b"$1\r\na\r\n+PONG\r\n")
@@ -427,14 +434,7 @@ def test_outage_logged_once():
 def test_commands_fail_at_once_while_redis_is_too_slow():
     """Once a command timed out on a live connection, commands fail at once (nothing
     queues behind a slow Redis, no request waits state_timeout) until a PING answers."""
-    redis, server, reactor, changes = client()
-    server.accept()
-    server.sent()
-    server.reply(b"+PONG\r\n")
-    results([redis.execute("GET", "a")])
-    reactor.advance(0.1)
-    server.reply(b"")  # alive, just slow
-    reactor.advance(0.15)
+    redis, server, reactor, changes, _ = slowed()
     assert changes == [True, False]
     assert server.sent() == encode(("GET", "a")) + encode(("PING",))
     got = results([redis.execute("GET", "b") for _ in range(100)])
@@ -450,14 +450,7 @@ def test_a_slow_redis_is_probed_soon_then_less_often():
     """While Redis answers, but too slowly, a late PING is followed by another 0.05 s
     later, then 0.1 s, ... up to 2 s: the end of a short slowdown is noticed soon, a
     long one costs a PING every 2 s."""
-    redis, server, reactor, changes = client()
-    server.accept()
-    server.sent()
-    server.reply(b"+PONG\r\n")
-    results([redis.execute("GET", "a")])
-    reactor.advance(0.1)
-    server.reply(b"")  # alive, just slow
-    reactor.advance(0.15)
+    redis, server, reactor, changes, _ = slowed()
     assert changes == [True, False]
     assert server.sent() == encode(("GET", "a")) + encode(("PING",))
     waits = []
